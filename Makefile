@@ -1,0 +1,30 @@
+# One command to set up and run the main job, one to set up and run the tests.
+# Installs are pinned by requirements/constraints.txt (regenerate with `make lock`).
+VENV       ?= .venv
+LETHE_HOME ?= $(CURDIR)/.lethe
+PYTHON     ?= python3
+export LETHE_HOME
+
+.PHONY: nightly test install lint lock clean
+
+$(VENV)/.installed: pyproject.toml requirements/constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -c requirements/constraints.txt -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+nightly: install
+	$(VENV)/bin/lethe sample-log --out $(LETHE_HOME)/landing/sample.jsonl
+	$(VENV)/bin/lethe nightly --deletion-log $(LETHE_HOME)/landing/sample.jsonl
+
+test: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest
+
+lock: install
+	$(VENV)/bin/pip freeze --exclude-editable | sed 's/^torch==\(.*\)+cpu$$/torch==\1/' > requirements/constraints.txt
+
+clean:
+	rm -rf $(VENV) $(LETHE_HOME)

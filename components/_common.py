@@ -1,0 +1,60 @@
+"""What every step shares: arguments, settings, manifests, and one-line errors instead of tracebacks.
+
+A step's contract: inputs and outputs are paths (or URIs) plus a small JSON manifest named after the
+step, written into the batch folder (or next to its output) and echoed on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from pipeline.settings import Home, Settings, SettingsError, load_settings
+
+
+def parser(step: str, doc: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"python -m components.{step}", description=doc)
+    parser.add_argument("--params", type=Path, default=None, help="params.yaml (default: $LETHE_PARAMS or ./params.yaml)")
+    parser.add_argument("--home", type=Path, default=None, help="state folder (default: $LETHE_HOME or ./.lethe)")
+    return parser
+
+
+def batch_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--batch-dir", type=Path, required=True, help="the batch's working folder")
+    parser.add_argument("--snapshot", type=Path, default=None, help="data snapshot folder (default: under home)")
+    return parser
+
+
+def context(args: argparse.Namespace) -> tuple[Settings, Home]:
+    return load_settings(args.params), Home(args.home)
+
+
+def snapshot_dir(args: argparse.Namespace, home: Home) -> Path:
+    return args.snapshot if args.snapshot is not None else home.snapshot
+
+
+def write_manifest(path: Path, manifest: dict) -> dict:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(manifest, indent=2, default=str))
+    print(json.dumps(manifest, default=str))
+    return manifest
+
+
+def read_manifest(path: Path) -> dict:
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: the step that writes it has not run for this batch")
+    return json.loads(path.read_text())
+
+
+def entry_point(step: str, main: Callable[[list[str] | None], dict]) -> None:
+    """Run a step as a program: progress to stderr, a one-line reason and exit code 2 on bad input."""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {step} %(levelname)s %(message)s")
+    try:
+        main(None)
+    except (SettingsError, FileNotFoundError, ValueError) as error:
+        print(f"lethe {step}: error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,175 @@
+"""`lethe`: the command line for the people who run Lethe.
+
+  lethe nightly [--deletion-log PATH]   bootstrap if needed, run the nightly DAG once, print the summary
+  lethe sample-log --out PATH           write a deletion log for a few random members (a demo batch)
+  lethe prepare | lethe train           the first two steps on their own
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.settings import Home, Settings, SettingsError, default_params_path, load_settings
+
+DAGS_FOLDER = Path(__file__).resolve().parent.parent / "dags"
+DAG_ID = "nightly_forgetting"
+
+
+def airflow_env(home: Home, params: Path) -> dict[str, str]:
+    """Airflow on a SQLite metadata database under LETHE_HOME, reading our dags/ folder only."""
+    return {
+        **os.environ,
+        "LETHE_HOME": str(home.root),
+        "LETHE_PARAMS": str(params),
+        "AIRFLOW_HOME": str(home.airflow),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home.airflow / 'airflow.db'}",
+        "AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT": "120",
+        "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING",
+    }
+
+
+def _airflow(env: dict[str, str], *args: str) -> None:
+    command = [str(Path(sys.executable).with_name("airflow")), *args]
+    result = subprocess.run(command, env=env, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"`airflow {' '.join(args[:2])}` failed with exit code {result.returncode}")
+
+
+def ensure_airflow(home: Home, env: dict[str, str]) -> None:
+    marker = home.airflow / ".migrated"
+    if marker.exists():
+        return
+    home.airflow.mkdir(parents=True, exist_ok=True)
+    print("lethe: migrating the Airflow metadata database (first run only)", flush=True)
+    _airflow(env, "db", "migrate")
+    marker.write_text(datetime.now(UTC).isoformat())
+
+
+def ensure_champion(settings: Settings, home: Home, params: Path) -> str:
+    """Prepare data, train and register the base model when the registry has no champion yet."""
+    import mlflow
+
+    from components import prepare, train
+    from pipeline.registry import Registry
+
+    registry = Registry(home, settings.mlflow)
+    existing = registry.champion()
+    if existing is not None:
+        return existing.version
+    common = ["--params", str(params), "--home", str(home.root)]
+    if not (home.snapshot / "manifest.json").exists():
+        prepare.main(common)
+    if not (home.base_model / "train.json").exists():
+        print("lethe: no champion yet: training the base model", flush=True)
+        train.main(common)
+    report = json.loads((home.base_model / "train.json").read_text())
+    with mlflow.start_run(run_name="base-model", tags={"lethe.lineage": "base"}):
+        mlflow.log_dict(report, "train.json")
+        mlflow.log_metrics({f"test.{k}": v for k, v in report["test"].items()})
+        mlflow.log_metrics({f"mostpop_test.{k}": v for k, v in report["mostpop_test"].items()})
+        mlflow.log_artifact(str(home.snapshot / "manifest.json"), artifact_path="data")
+        uri = registry.log_recommender(home.base_model)
+    version = registry.register(uri, {"lethe.lineage": "base", "ndcg10": f"{report['test']['ndcg10']:.5f}"})
+    registry.promote(version.version)
+    print(f"lethe: registered base model as version {version.version} (champion)", flush=True)
+    return version.version
+
+
+def nightly(args: argparse.Namespace) -> int:
+    params = (args.params or default_params_path()).resolve()
+    settings, home = load_settings(params), Home(args.home)
+    os.environ.update({"LETHE_HOME": str(home.root), "LETHE_PARAMS": str(params)})
+    ensure_champion(settings, home, params)
+    env = airflow_env(home, params)
+    ensure_airflow(home, env)
+    batch_id = args.batch_id or datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    deletion_log = str(Path(args.deletion_log).resolve()) if args.deletion_log else str(home.landing)
+    conf = {"deletion_log": deletion_log, "batch_id": batch_id, "params": str(params)}
+    print(f"lethe: running DAG {DAG_ID} for batch {batch_id} on {deletion_log}", flush=True)
+    _airflow(env, "dags", "test", DAG_ID, "--conf", json.dumps(conf))
+    summary_path = home.batch(batch_id) / "summary.json"
+    if not summary_path.exists():
+        print(f"lethe: the DAG run left no summary at {summary_path}; see the task logs above", file=sys.stderr)
+        return 1
+    print_summary(json.loads(summary_path.read_text()), summary_path)
+    return 0
+
+
+def print_summary(summary: dict, path: Path) -> None:
+    def figure(value) -> str:
+        return "n/a" if value is None else f"{value:.4f}"
+
+    print("\n== Lethe nightly summary ==")
+    print(f"batch            {summary['batch_id']}")
+    print(f"requests         {summary['requests_total']} received, {summary['requests_honored']} honored, "
+          f"{summary['requests_pending']} pending, {summary['requests_rejected']} rejected, "
+          f"{summary['requests_already_honored']} already honored")
+    for rejection in summary["rejections"]:
+        print(f"  rejected       {rejection['source']}:{rejection['line']}: {rejection['reason']}: {rejection['message']}")
+    print(f"NDCG@10          {figure(summary['ndcg10_before'])} -> {figure(summary['ndcg10_after'])}")
+    print(f"MIA AUC (worst)  {figure(summary['mia_auc_before'])} -> {figure(summary['mia_auc_after'])}  (0.5 = stranger)")
+    print(f"gate             {summary['gate']}" + "".join(f"\n  - {reason}" for reason in summary["gate_reasons"]))
+    print(f"model version    {summary['model_version']}")
+    print(f"summary          {path}\n")
+
+
+def sample_log(args: argparse.Namespace) -> int:
+    """A deletion log for a few seeded random members, with stable request ids."""
+    from components import prepare
+    from pipeline.data import read_snapshot
+
+    params = (args.params or default_params_path()).resolve()
+    settings, home = load_settings(params), Home(args.home)
+    if not (home.snapshot / "manifest.json").exists():
+        prepare.main(["--params", str(params), "--home", str(home.root)])
+    snapshot = read_snapshot(home.snapshot)
+    users = np.random.default_rng(settings.seed).choice(snapshot.members, args.users or settings.nightly.sample_users,
+                                                        replace=False)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    now = datetime.now(UTC).isoformat()
+    with out.open("w") as handle:
+        for user in sorted(users.tolist()):
+            handle.write(json.dumps({"request_id": f"sample-{settings.seed}-{user}", "user_id": user,
+                                     "scope": "user", "received_at": now}) + "\n")
+    print(f"lethe: wrote {len(users)} deletion requests to {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli = argparse.ArgumentParser(prog="lethe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_argument("--params", type=Path, default=None, help="params.yaml (default: $LETHE_PARAMS or ./params.yaml)")
+    cli.add_argument("--home", type=Path, default=None, help="state folder (default: $LETHE_HOME or ./.lethe)")
+    commands = cli.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("nightly", help="run the nightly batch once, for real, through Airflow")
+    run.add_argument("--deletion-log", default=None, help="a .jsonl file or folder (default: $LETHE_HOME/landing)")
+    run.add_argument("--batch-id", default=None, help="batch folder name (default: UTC timestamp)")
+    sample = commands.add_parser("sample-log", help="write a demo deletion log of random members")
+    sample.add_argument("--out", required=True)
+    sample.add_argument("--users", type=int, default=None, help="how many (default: nightly.sample_users)")
+    for step in ("prepare", "train"):
+        commands.add_parser(step, help=f"run the {step} step alone")
+    args = cli.parse_args(argv)
+    try:
+        if args.command == "nightly":
+            sys.exit(nightly(args))
+        if args.command == "sample-log":
+            sys.exit(sample_log(args))
+        from components import prepare, train
+
+        step = {"prepare": prepare, "train": train}[args.command]
+        step.main([*(["--params", str(args.params)] if args.params else []),
+                   *(["--home", str(args.home)] if args.home else [])])
+    except (SettingsError, FileNotFoundError, ValueError, RuntimeError) as error:
+        print(f"lethe {args.command}: error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,69 @@
+"""Register the candidate, then promote it to `champion` only if the utility and leakage gates pass."""
+
+from __future__ import annotations
+
+import mlflow
+
+from components._common import batch_arguments, context, entry_point, parser, read_manifest, write_manifest
+from components.unlearn import CANDIDATE_DIR
+from pipeline.evaluate import worst_case_auc
+from pipeline.gate import decide
+from pipeline.registry import Registry
+
+
+def flatten(prefix: str, value) -> dict[str, object]:
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in flatten(f"{prefix}.{key}" if prefix else key, item).items()}
+    return {prefix: value}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = batch_arguments(parser("gate", __doc__)).parse_args(argv)
+    settings, home = context(args)
+    batch_id = args.batch_dir.name
+    evaluation = read_manifest(args.batch_dir / "evaluate.json")
+    unlearned = read_manifest(args.batch_dir / "unlearn.json")
+    before, after = evaluation["before"], evaluation["after"]
+    after_auc = {attack: estimate["value"] for attack, estimate in after["mia_auc"].items()}
+    decision = decide(after["ndcg10"], before["ndcg10"], after_auc, settings.gate)
+
+    registry = Registry(home, settings.mlflow)
+    with mlflow.start_run(run_id=registry.batch_run_id(args.batch_dir, batch_id)) as run:
+        mlflow.log_params(flatten("", settings.model_dump(mode="json")))
+        for stage, figures in (("before", before), ("after", after)):
+            mlflow.log_metrics({f"{stage}.{k}": v for k, v in figures.items() if isinstance(v, float)})
+            mlflow.log_metrics({f"{stage}.mia_auc.{a}": e["value"] for a, e in figures["mia_auc"].items()})
+        for row in unlearned["history"]:
+            mlflow.log_metrics({k: v for k, v in row.items() if k.startswith("auc_")}, step=row["step"])
+        for name in ("ingest", "validate", "split", "unlearn", "evaluate"):
+            mlflow.log_artifact(str(args.batch_dir / f"{name}.json"), artifact_path="manifests")
+        model_uri = registry.log_recommender(args.batch_dir / CANDIDATE_DIR)
+        figures = {
+            "ndcg10": f"{after['ndcg10']:.5f}",
+            "champion_ndcg10": f"{before['ndcg10']:.5f}",
+            "mia_auc": f"{worst_case_auc(after_auc):.4f}",
+            **{f"mia_auc_{attack}": f"{value:.4f}" for attack, value in after_auc.items()},
+        }
+        version = registry.register(model_uri, {"lethe.batch_id": batch_id, "lethe.lineage": "unlearned",
+                                                "lethe.method": settings.unlearn.method,
+                                                "lethe.parent_version": str(unlearned["champion_version"])})
+        registry.tag_version(version.version, {**figures, "gate": decision.label})
+        if decision.passed:
+            registry.promote(version.version)
+        else:
+            registry.tag_version(version.version, {"gate.reasons": " | ".join(decision.reasons)})
+        mlflow.set_tags({"gate": decision.label, "model_version": version.version})
+    for reason in decision.reasons:
+        print(f"gate: {reason}")
+    return write_manifest(args.batch_dir / "gate.json", {
+        "gate": decision.label,
+        "reasons": decision.reasons,
+        "model_version": version.version,
+        "model_uri": model_uri,
+        "run_id": run.info.run_id,
+        "promoted": decision.passed,
+    })
+
+
+if __name__ == "__main__":
+    entry_point("gate", main)

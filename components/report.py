@@ -1,0 +1,46 @@
+"""Write the batch summary and the auditor's report; log both to the batch's MLflow run."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import mlflow
+
+from components._common import batch_arguments, context, entry_point, parser, write_manifest
+from components.validate import VALID_FILE, read_received
+from pipeline.registry import Registry
+from pipeline.report import plot_unlearning, render_html, summarize
+
+STEPS = ("ingest", "validate", "split", "unlearn", "evaluate", "gate")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = batch_arguments(parser("report", __doc__)).parse_args(argv)
+    settings, home = context(args)
+    batch_dir, batch_id = args.batch_dir, args.batch_dir.name
+    manifests = {step: json.loads((batch_dir / f"{step}.json").read_text())
+                 for step in STEPS if (batch_dir / f"{step}.json").exists()}
+    summary = summarize(batch_id, manifests)
+    history = manifests.get("unlearn", {}).get("history")
+    plot = plot_unlearning(history, settings.unlearn.target_auc_band, batch_dir / "unlearning.png") if history else None
+    (batch_dir / "report.html").write_text(render_html(summary, plot.name if plot else None))
+
+    if summary["gate"] == "passed":
+        now = datetime.now(UTC).isoformat()
+        with home.honored_log.open("a") as out:
+            for entry in read_received(batch_dir / VALID_FILE):
+                out.write(json.dumps({"request_id": entry.request.request_id, "batch_id": batch_id,
+                                      "model_version": summary["model_version"], "honored_at": now}) + "\n")
+    if summary["mlflow_run_id"]:
+        Registry(home, settings.mlflow)
+        with mlflow.start_run(run_id=summary["mlflow_run_id"]):
+            mlflow.log_dict(summary, "summary.json")
+            mlflow.log_artifact(str(batch_dir / "report.html"), artifact_path="report")
+            if plot:
+                mlflow.log_artifact(str(plot), artifact_path="report")
+    return write_manifest(batch_dir / "summary.json", summary)
+
+
+if __name__ == "__main__":
+    entry_point("report", main)

@@ -1,0 +1,34 @@
+"""Turn the batch's valid requests into forget, retain and non-member sets, and check them."""
+
+from __future__ import annotations
+
+from components._common import batch_arguments, context, entry_point, parser, snapshot_dir, write_manifest
+from components.validate import VALID_FILE, read_received
+from pipeline.data import content_hash, read_snapshot
+from pipeline.splits import ROLES, build_split, check_split
+
+SPLIT_FILE = "split.parquet"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = batch_arguments(parser("split", __doc__)).parse_args(argv)
+    settings, home = context(args)
+    snapshot = read_snapshot(snapshot_dir(args, home))
+    requests = [entry.request for entry in read_received(args.batch_dir / VALID_FILE)]
+    split = build_split(snapshot, requests)
+    problems = check_split(split, requests)
+    if problems:
+        raise ValueError("split failed its checks: " + "; ".join(problems))
+    split.to_parquet(args.batch_dir / SPLIT_FILE, index=False)
+    forget = split[split.role == "forget"]
+    return write_manifest(args.batch_dir / "split.json", {
+        "snapshot_hash": snapshot.manifest["content_hash"],
+        "split_hash": content_hash(split),
+        "rows": {role: int((split.role == role).sum()) for role in ROLES},
+        "forgotten_users": int(forget.user_id.nunique()),
+        "requests": len(requests),
+    })
+
+
+if __name__ == "__main__":
+    entry_point("split", main)

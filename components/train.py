@@ -1,0 +1,27 @@
+"""Train the base recommender on members' training items; report it against MostPop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from components._common import context, entry_point, parser, write_manifest
+from pipeline.data import read_snapshot
+from pipeline.model import model_meta, save_model
+from pipeline.train import train_base
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cli = parser("train", __doc__)
+    cli.add_argument("--snapshot", type=Path, default=None, help="data snapshot folder (default: under home)")
+    cli.add_argument("--out", type=Path, default=None, help="model folder (default: under home)")
+    args = cli.parse_args(argv)
+    settings, home = context(args)
+    snapshot = read_snapshot(args.snapshot or home.snapshot)
+    out = args.out or home.base_model
+    model, report = train_base(snapshot, settings)
+    save_model(model, out, model_meta(snapshot, settings, lineage="base"))
+    return write_manifest(out / "train.json", report)
+
+
+if __name__ == "__main__":
+    entry_point("train", main)

@@ -1,0 +1,67 @@
+"""Unlearn the batch's forget set from the champion (or a model folder) with the configured method.
+
+Locally this runs as a subprocess; in production the same command runs in a GPU pod.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from components._common import batch_arguments, context, entry_point, parser, snapshot_dir, write_manifest
+from components.split import SPLIT_FILE
+from pipeline.data import read_snapshot
+from pipeline.model import load_model, save_model
+from pipeline.splits import unlearning_data
+from pipeline.unlearn import run_unlearning
+
+CHAMPION_DIR = "champion"
+CANDIDATE_DIR = "candidate"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cli = batch_arguments(parser("unlearn", __doc__))
+    cli.add_argument("--model", default="champion",
+                     help="'champion' (the registry's champion version) or a saved model folder")
+    args = cli.parse_args(argv)
+    settings, home = context(args)
+    snapshot = read_snapshot(snapshot_dir(args, home))
+    start_dir, champion_version = args.batch_dir / CHAMPION_DIR, None
+    if args.model == "champion":
+        from pipeline.registry import Registry
+
+        registry = Registry(home, settings.mlflow)
+        champion = registry.champion()
+        if champion is None:
+            raise ValueError(f"registered model {settings.mlflow.registered_model!r} has no champion yet "
+                             "(run `lethe nightly`, which trains and registers the base model first)")
+        champion_version = champion.version
+        registry.download_model_dir(champion.version, start_dir)
+    elif Path(args.model).resolve() != start_dir.resolve():
+        shutil.rmtree(start_dir, ignore_errors=True)
+        shutil.copytree(args.model, start_dir)
+
+    model, meta = load_model(start_dir)
+    data = unlearning_data(snapshot, pd.read_parquet(args.batch_dir / SPLIT_FILE))
+    started = time.perf_counter()
+    result = run_unlearning(model, data, settings)
+    save_model(model, args.batch_dir / CANDIDATE_DIR,
+               {**meta, "lineage": f"{meta.get('lineage', 'unknown')}>unlearn:{settings.unlearn.method}",
+                "snapshot_hash": snapshot.manifest["content_hash"]})
+    return write_manifest(args.batch_dir / "unlearn.json", {
+        "method": settings.unlearn.method,
+        "champion_version": champion_version,
+        "steps": result.steps,
+        "stopped": result.stopped,
+        "kept_step": result.best_step,
+        "aucs_at_kept_step": result.aucs,
+        "wall_s": round(time.perf_counter() - started, 2),
+        "history": result.history,
+    })
+
+
+if __name__ == "__main__":
+    entry_point("unlearn", main)

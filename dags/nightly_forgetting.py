@@ -1,0 +1,106 @@
+"""nightly_forgetting: turn the day's deletion log into a model that has forgotten those users.
+
+Only composition lives here: which step runs when and where. Each task runs its component's entry
+point (`python -m components.<step>`) as a subprocess, the same command a Kubernetes pod, a DVC stage
+or a KFP component runs, and passes on the small JSON manifest the step wrote. Tasks never touch the
+Airflow metadata database.
+
+DAG run conf:
+  deletion_log  a .jsonl file or folder (default: $LETHE_HOME/landing)
+  batch_id      folder name under $LETHE_HOME/batches (default: derived from the run id)
+  params        params.yaml to use (default: $LETHE_PARAMS or ./params.yaml)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from airflow.sdk import dag, get_current_context, task
+
+from pipeline.settings import Home, default_params_path, load_settings
+
+SETTINGS = load_settings()
+
+
+def _batch() -> tuple[Path, dict]:
+    """The batch folder and the run conf, from the running task's context."""
+    context = get_current_context()
+    conf = dict(context["dag_run"].conf or {})
+    batch_id = conf.get("batch_id") or re.sub(r"[^A-Za-z0-9_.-]+", "_", context["run_id"])
+    return Home().batch(batch_id), conf
+
+
+def run_component(step: str, *args: str, manifest: str | None = None) -> dict:
+    """Run one step as its own process; stream its output to the task log; return its manifest."""
+    batch_dir, conf = _batch()
+    params = conf.get("params") or str(default_params_path())
+    command = [sys.executable, "-m", f"components.{step}", "--params", params, *args]
+    if step != "ingest":
+        command += ["--batch-dir", str(batch_dir)]
+    print("running:", " ".join(command), flush=True)
+    process = subprocess.run(command, env={**os.environ, "LETHE_PARAMS": params}, text=True,
+                             stdout=sys.stdout, stderr=sys.stderr, check=False)
+    if process.returncode != 0:
+        raise RuntimeError(f"step {step} failed with exit code {process.returncode}; its error is in the log above")
+    return json.loads((batch_dir / (manifest or f"{step}.json")).read_text())
+
+
+@dag(
+    dag_id="nightly_forgetting",
+    schedule=SETTINGS.nightly.schedule,
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    tags=["lethe", "unlearning"],
+    doc_md=__doc__,
+)
+def nightly_forgetting():
+    @task
+    def ingest() -> dict:
+        batch_dir, conf = _batch()
+        log = conf.get("deletion_log") or str(Home().landing)
+        return run_component("ingest", "--deletion-log", log, "--batch-dir", str(batch_dir))
+
+    @task
+    def validate(ingested: dict) -> dict:
+        return run_component("validate")
+
+    @task.short_circuit(ignore_downstream_trigger_rules=False)
+    def has_new_requests(validated: dict) -> bool:
+        if validated["valid"] == 0:
+            print("no new valid deletion requests: nothing to unlearn tonight; skipping to the report")
+        return validated["valid"] > 0
+
+    @task
+    def split(validated: dict) -> dict:
+        return run_component("split")
+
+    @task
+    def unlearn(split_manifest: dict) -> dict:
+        return run_component("unlearn", "--model", "champion")
+
+    @task
+    def evaluate(unlearned: dict) -> dict:
+        return run_component("evaluate")
+
+    @task
+    def gate(evaluated: dict) -> dict:
+        return run_component("gate")
+
+    @task(trigger_rule="none_failed")
+    def report() -> dict:
+        return run_component("report", manifest="summary.json")
+
+    validated = validate(ingest())
+    split_manifest = split(validated)
+    has_new_requests(validated) >> split_manifest
+    gate(evaluate(unlearn(split_manifest))) >> report()
+
+
+nightly_forgetting()

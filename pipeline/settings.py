@@ -1,0 +1,197 @@
+"""Typed, frozen settings loaded once from params.yaml, plus where Lethe keeps its state.
+
+Every tunable number lives in params.yaml; this module only gives it types and bounds so that a typo
+fails loudly at start-up instead of steering a nightly run with a silent default.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class SettingsError(ValueError):
+    """params.yaml is missing, unreadable or invalid; the message says which key and why."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DataSettings(_Frozen):
+    min_rating: float = Field(ge=0.0, le=5.0)
+    min_item_interactions: int = Field(ge=1)
+    non_member_share: float = Field(gt=0.0, lt=1.0)
+    max_users: int | None = Field(default=None, ge=10)
+
+
+class TinyBackbone(_Frozen):
+    hidden_size: int = Field(ge=8)
+    intermediate_size: int = Field(ge=8)
+    num_hidden_layers: int = Field(ge=1)
+    num_attention_heads: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> TinyBackbone:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                f"{self.num_attention_heads}"
+            )
+        return self
+
+
+class ModelSettings(_Frozen):
+    backbone: Literal["tiny"]
+    max_len: int = Field(ge=4, le=2048)
+    tiny: TinyBackbone
+
+
+class TrainSettings(_Frozen):
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    learning_rate: float = Field(gt=0.0)
+    weight_decay: float = Field(ge=0.0)
+    warmup_steps: int = Field(ge=0)
+    patience: int = Field(ge=1)
+
+
+class EvalSettings(_Frozen):
+    ks: tuple[int, ...] = Field(min_length=1)
+    mink_fraction: float = Field(gt=0.0, le=1.0)
+    bootstrap_samples: int = Field(ge=100)
+    confidence: float = Field(gt=0.5, lt=1.0)
+    batch_size: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _ten_is_reported(self) -> EvalSettings:
+        if 10 not in self.ks:
+            raise ValueError("eval.ks must contain 10: the gate and the summary use NDCG@10")
+        return self
+
+
+def _check_band(band: tuple[float, float], name: str) -> None:
+    low, high = band
+    if not 0.0 <= low < 0.5 < high <= 1.0:
+        raise ValueError(f"{name} must satisfy 0 <= low < 0.5 < high <= 1, got {list(band)}")
+
+
+class UnlearnSettings(_Frozen):
+    method: str
+    learning_rate: float = Field(gt=0.0)
+    max_steps: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    retain_batch_size: int = Field(ge=1)
+    retain_weight: float = Field(ge=0.0)
+    eval_every: int = Field(ge=1)
+    target_auc_band: tuple[float, float]
+
+    @model_validator(mode="after")
+    def _band(self) -> UnlearnSettings:
+        _check_band(self.target_auc_band, "unlearn.target_auc_band")
+        return self
+
+
+class GateSettings(_Frozen):
+    max_ndcg_drop: float = Field(ge=0.0, lt=1.0)
+    min_leakage_auc: float
+    max_leakage_auc: float
+
+    @model_validator(mode="after")
+    def _band(self) -> GateSettings:
+        _check_band((self.min_leakage_auc, self.max_leakage_auc), "gate leakage band")
+        return self
+
+
+class MlflowSettings(_Frozen):
+    experiment: str = Field(min_length=1)
+    registered_model: str = Field(min_length=1)
+
+
+class NightlySettings(_Frozen):
+    sample_users: int = Field(ge=1)
+    schedule: str = Field(min_length=1)
+
+
+class Settings(_Frozen):
+    seed: int
+    data: DataSettings
+    model: ModelSettings
+    train: TrainSettings
+    eval: EvalSettings
+    unlearn: UnlearnSettings
+    gate: GateSettings
+    mlflow: MlflowSettings
+    nightly: NightlySettings
+
+
+def default_params_path() -> Path:
+    """params.yaml named by LETHE_PARAMS, else the one in the working directory."""
+    return Path(os.environ.get("LETHE_PARAMS", "params.yaml")).resolve()
+
+
+def load_settings(path: str | Path | None = None) -> Settings:
+    path = Path(path) if path is not None else default_params_path()
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise SettingsError(f"{path}: no such params file (set LETHE_PARAMS or pass --params)") from None
+    except yaml.YAMLError as error:
+        raise SettingsError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise SettingsError(f"{path}: expected a mapping at the top level")
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in item['loc']) or '<root>'}: {item['msg']}"
+            for item in error.errors()
+        )
+        raise SettingsError(f"{path}: {problems}") from None
+
+
+class Home:
+    """Where Lethe keeps its state: LETHE_HOME (default ./.lethe). One place for every path."""
+
+    def __init__(self, root: str | Path | None = None) -> None:
+        self.root = Path(root or os.environ.get("LETHE_HOME", ".lethe")).resolve()
+
+    @cached_property
+    def snapshot(self) -> Path:
+        return self.root / "data" / "snapshot"
+
+    @cached_property
+    def base_model(self) -> Path:
+        return self.root / "models" / "base"
+
+    @cached_property
+    def landing(self) -> Path:
+        return self.root / "landing"
+
+    @cached_property
+    def batches(self) -> Path:
+        return self.root / "batches"
+
+    @cached_property
+    def airflow(self) -> Path:
+        return self.root / "airflow"
+
+    @cached_property
+    def honored_log(self) -> Path:
+        return self.root / "honored.jsonl"
+
+    @property
+    def tracking_uri(self) -> str:
+        return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.root / 'mlflow.db'}"
+
+    @property
+    def artifact_root(self) -> str:
+        return (self.root / "mlartifacts").as_uri()
+
+    def batch(self, batch_id: str) -> Path:
+        return self.batches / batch_id

@@ -1,0 +1,94 @@
+"""Training the base recommender: next-item prediction on every position, early stopping on validation.
+
+A plain loop, nanoGPT style: every hyperparameter comes from params.yaml and is visible here.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import LlamaForCausalLM
+
+from pipeline.data import Snapshot
+from pipeline.evaluate import most_popular_scores, ndcg_at, rank_users, ranks_of_targets, utility_metrics
+from pipeline.model import build_model, make_windows, seed_everything, window_loss
+from pipeline.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def fit(
+    model: LlamaForCausalLM,
+    train_sequences: dict[int, list[int]],
+    val_histories: dict[int, list[int]],
+    val_targets: dict[int, int],
+    settings: Settings,
+    progress: bool = True,
+) -> list[dict]:
+    """Train in place; leave the model at the epoch with the best validation NDCG@10."""
+    generator = seed_everything(settings.seed)
+    windows = make_windows(train_sequences, settings.model.max_len)
+    config = settings.train
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    warmup = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / max(1, config.warmup_steps))
+    )
+    best_ndcg, best_state, history, stale = -1.0, None, [], 0
+    bar = tqdm(range(config.epochs), desc="train", unit="epoch", disable=not progress)
+    for epoch in bar:
+        model.train()
+        order = torch.randperm(len(windows), generator=generator)
+        losses = []
+        for start in range(0, len(windows), config.batch_size):
+            loss = window_loss(model, windows.batch(order[start : start + config.batch_size]))
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            warmup.step()
+            losses.append(loss.item())
+        ranks = np.array(list(rank_users(model, val_histories, val_targets, settings.model.max_len,
+                                         settings.eval.batch_size).values()))
+        val_ndcg = float(ndcg_at(ranks, 10).mean())
+        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_ndcg10": val_ndcg})
+        bar.set_postfix(loss=f"{np.mean(losses):.3f}", val_ndcg10=f"{val_ndcg:.4f}")
+        if val_ndcg > best_ndcg:
+            best_ndcg, best_state, stale = val_ndcg, copy.deepcopy(model.state_dict()), 0
+        else:
+            stale += 1
+            if stale >= config.patience:
+                log.info("early stop after epoch %d: no validation gain for %d epochs", epoch, stale)
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return history
+
+
+def train_base(snapshot: Snapshot, settings: Settings, progress: bool = True) -> tuple[LlamaForCausalLM, dict]:
+    """Train on members' training items; report test utility of the model and of MostPop."""
+    members = snapshot.members
+    train_sequences = snapshot.sequences(("train",), members)
+    model = build_model(snapshot.n_tokens, settings.model, settings.seed)
+    history = fit(model, train_sequences, train_sequences, snapshot.targets("val", members), settings, progress)
+
+    test_histories = snapshot.sequences(("train", "val"), members)
+    test_targets = snapshot.targets("test", members)
+    ranks = np.array(list(rank_users(model, test_histories, test_targets, settings.model.max_len,
+                                     settings.eval.batch_size).values()))
+    users = sorted(test_targets)
+    popularity = most_popular_scores(train_sequences, len(snapshot.items)).expand(len(users), -1)
+    pop_ranks = ranks_of_targets(popularity, [test_targets[u] for u in users], [test_histories[u] for u in users])
+    report = {
+        "history": history,
+        "best_epoch": int(max(history, key=lambda row: row["val_ndcg10"])["epoch"]),
+        "test": utility_metrics(ranks, settings.eval.ks),
+        "mostpop_test": utility_metrics(pop_ranks, settings.eval.ks),
+        "members": int(len(members)),
+        "train_windows": int(len(make_windows(train_sequences, settings.model.max_len))),
+    }
+    return model, report
