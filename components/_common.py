@@ -18,7 +18,9 @@ from pipeline.settings import Home, Settings, SettingsError, load_settings
 
 def parser(step: str, doc: str | None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"python -m components.{step}", description=doc)
-    parser.add_argument("--params", type=Path, default=None, help="params.yaml (default: $LETHE_PARAMS or ./params.yaml)")
+    parser.add_argument(
+        "--params", type=Path, default=None, help="params.yaml (default: $LETHE_PARAMS or ./params.yaml)"
+    )
     parser.add_argument("--home", type=Path, default=None, help="state folder (default: $LETHE_HOME or ./.lethe)")
     return parser
 

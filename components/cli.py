@@ -1,8 +1,8 @@
 """`lethe`: the command line for the people who run Lethe.
 
-  lethe nightly [--deletion-log PATH]   bootstrap if needed, run the nightly DAG once, print the summary
-  lethe sample-log --out PATH           write a deletion log for a few random members (a demo batch)
-  lethe prepare | lethe train           the first two steps on their own
+lethe nightly [--deletion-log PATH]   bootstrap if needed, run the nightly DAG once, print the summary
+lethe sample-log --out PATH           write a deletion log for a few random members (a demo batch)
+lethe prepare | lethe train           the first two steps on their own
 """
 
 from __future__ import annotations
@@ -111,13 +111,19 @@ def print_summary(summary: dict, path: Path) -> None:
 
     print("\n== Lethe nightly summary ==")
     print(f"batch            {summary['batch_id']}")
-    print(f"requests         {summary['requests_total']} received, {summary['requests_honored']} honored, "
-          f"{summary['requests_pending']} pending, {summary['requests_rejected']} rejected, "
-          f"{summary['requests_already_honored']} already honored")
+    print(
+        f"requests         {summary['requests_total']} received, {summary['requests_honored']} honored, "
+        f"{summary['requests_pending']} pending, {summary['requests_rejected']} rejected, "
+        f"{summary['requests_already_honored']} already honored"
+    )
     for rejection in summary["rejections"]:
-        print(f"  rejected       {rejection['source']}:{rejection['line']}: {rejection['reason']}: {rejection['message']}")
+        print(
+            f"  rejected       {rejection['source']}:{rejection['line']}: {rejection['reason']}: {rejection['message']}"
+        )
     print(f"NDCG@10          {figure(summary['ndcg10_before'])} -> {figure(summary['ndcg10_after'])}")
-    print(f"MIA AUC (worst)  {figure(summary['mia_auc_before'])} -> {figure(summary['mia_auc_after'])}  (0.5 = stranger)")
+    print(
+        f"MIA AUC (worst)  {figure(summary['mia_auc_before'])} -> {figure(summary['mia_auc_after'])}  (0.5 = stranger)"
+    )
     print(f"gate             {summary['gate']}" + "".join(f"\n  - {reason}" for reason in summary["gate_reasons"]))
     print(f"model version    {summary['model_version']}")
     print(f"summary          {path}\n")
@@ -133,21 +139,33 @@ def sample_log(args: argparse.Namespace) -> int:
     if not (home.snapshot / "manifest.json").exists():
         prepare.main(["--params", str(params), "--home", str(home.root)])
     snapshot = read_snapshot(home.snapshot)
-    users = np.random.default_rng(settings.seed).choice(snapshot.members, args.users or settings.nightly.sample_users,
-                                                        replace=False)
+    users = np.random.default_rng(settings.seed).choice(
+        snapshot.members, args.users or settings.nightly.sample_users, replace=False
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     now = datetime.now(UTC).isoformat()
     with out.open("w") as handle:
         for user in sorted(users.tolist()):
-            handle.write(json.dumps({"request_id": f"sample-{settings.seed}-{user}", "user_id": user,
-                                     "scope": "user", "received_at": now}) + "\n")
+            handle.write(
+                json.dumps(
+                    {
+                        "request_id": f"sample-{settings.seed}-{user}",
+                        "user_id": user,
+                        "scope": "user",
+                        "received_at": now,
+                    }
+                )
+                + "\n"
+            )
     print(f"lethe: wrote {len(users)} deletion requests to {out}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> None:
-    cli = argparse.ArgumentParser(prog="lethe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli = argparse.ArgumentParser(
+        prog="lethe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     cli.add_argument("--params", type=Path, default=None, help="params.yaml (default: $LETHE_PARAMS or ./params.yaml)")
     cli.add_argument("--home", type=Path, default=None, help="state folder (default: $LETHE_HOME or ./.lethe)")
     commands = cli.add_subparsers(dest="command", required=True)
@@ -168,8 +186,12 @@ def main(argv: list[str] | None = None) -> None:
         from components import prepare, train
 
         step = {"prepare": prepare, "train": train}[args.command]
-        step.main([*(["--params", str(args.params)] if args.params else []),
-                   *(["--home", str(args.home)] if args.home else [])])
+        step.main(
+            [
+                *(["--params", str(args.params)] if args.params else []),
+                *(["--home", str(args.home)] if args.home else []),
+            ]
+        )
     except (SettingsError, FileNotFoundError, ValueError, RuntimeError) as error:
         print(f"lethe {args.command}: error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -18,8 +18,13 @@ from pipeline.unlearn import LeakageProbe
 
 def measure(model, data: UnlearningData, probe: LeakageProbe, settings: Settings) -> dict:
     config = settings.eval
-    ranks = np.array(list(rank_users(model, data.eval_histories, data.eval_targets,
-                                     settings.model.max_len, config.batch_size).values()))
+    ranks = np.array(
+        list(
+            rank_users(
+                model, data.eval_histories, data.eval_targets, settings.model.max_len, config.batch_size
+            ).values()
+        )
+    )
     utility = utility_metrics(ranks, config.ks)
     interval = bootstrap_mean(ndcg_at(ranks, 10), config.bootstrap_samples, config.confidence, settings.seed)
     leakage = probe.with_intervals(model, settings.seed) if data.forgotten_users else {}
@@ -34,13 +39,16 @@ def main(argv: list[str] | None = None) -> dict:
     probe = LeakageProbe(data, settings)
     before, _ = load_model(args.batch_dir / CHAMPION_DIR)
     after, _ = load_model(args.batch_dir / CANDIDATE_DIR)
-    return write_manifest(args.batch_dir / "evaluate.json", {
-        "eval_users": len(data.eval_targets),
-        "forgotten_users": len(data.forgotten_users),
-        "non_members": len(data.non_members),
-        "before": measure(before, data, probe, settings),
-        "after": measure(after, data, probe, settings),
-    })
+    return write_manifest(
+        args.batch_dir / "evaluate.json",
+        {
+            "eval_users": len(data.eval_targets),
+            "forgotten_users": len(data.forgotten_users),
+            "non_members": len(data.non_members),
+            "before": measure(before, data, probe, settings),
+            "after": measure(after, data, probe, settings),
+        },
+    )
 
 
 if __name__ == "__main__":

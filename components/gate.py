@@ -13,7 +13,9 @@ from pipeline.registry import Registry
 
 def flatten(prefix: str, value) -> dict[str, object]:
     if isinstance(value, dict):
-        return {k: v for key, item in value.items() for k, v in flatten(f"{prefix}.{key}" if prefix else key, item).items()}
+        return {
+            k: v for key, item in value.items() for k, v in flatten(f"{prefix}.{key}" if prefix else key, item).items()
+        }
     return {prefix: value}
 
 
@@ -44,9 +46,15 @@ def main(argv: list[str] | None = None) -> dict:
             "mia_auc": f"{worst_case_auc(after_auc):.4f}",
             **{f"mia_auc_{attack}": f"{value:.4f}" for attack, value in after_auc.items()},
         }
-        version = registry.register(model_uri, {"lethe.batch_id": batch_id, "lethe.lineage": "unlearned",
-                                                "lethe.method": settings.unlearn.method,
-                                                "lethe.parent_version": str(unlearned["champion_version"])})
+        version = registry.register(
+            model_uri,
+            {
+                "lethe.batch_id": batch_id,
+                "lethe.lineage": "unlearned",
+                "lethe.method": settings.unlearn.method,
+                "lethe.parent_version": str(unlearned["champion_version"]),
+            },
+        )
         registry.tag_version(version.version, {**figures, "gate": decision.label})
         if decision.passed:
             registry.promote(version.version)
@@ -55,14 +63,17 @@ def main(argv: list[str] | None = None) -> dict:
         mlflow.set_tags({"gate": decision.label, "model_version": version.version})
     for reason in decision.reasons:
         print(f"gate: {reason}")
-    return write_manifest(args.batch_dir / "gate.json", {
-        "gate": decision.label,
-        "reasons": decision.reasons,
-        "model_version": version.version,
-        "model_uri": model_uri,
-        "run_id": run.info.run_id,
-        "promoted": decision.passed,
-    })
+    return write_manifest(
+        args.batch_dir / "gate.json",
+        {
+            "gate": decision.label,
+            "reasons": decision.reasons,
+            "model_version": version.version,
+            "model_uri": model_uri,
+            "run_id": run.info.run_id,
+            "promoted": decision.passed,
+        },
+    )
 
 
 if __name__ == "__main__":

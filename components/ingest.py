@@ -21,17 +21,24 @@ def main(argv: list[str] | None = None) -> dict:
     args.batch_dir.mkdir(parents=True, exist_ok=True)
     with (args.batch_dir / REQUESTS_FILE).open("w") as out:
         for entry in received:
-            out.write(json.dumps({"request": entry.request.model_dump(mode="json"),
-                                  "source": entry.source, "line": entry.line}) + "\n")
+            out.write(
+                json.dumps(
+                    {"request": entry.request.model_dump(mode="json"), "source": entry.source, "line": entry.line}
+                )
+                + "\n"
+            )
     for rejection in rejected:
         print(f"rejected {rejection.source}:{rejection.line}: {rejection.reason}: {rejection.message}")
-    return write_manifest(args.batch_dir / "ingest.json", {
-        "deletion_log": str(args.deletion_log),
-        "files": [str(file) for file in files],
-        "received": len(received) + len(rejected),
-        "parsed": len(received),
-        "rejected": [rejection.as_dict() for rejection in rejected],
-    })
+    return write_manifest(
+        args.batch_dir / "ingest.json",
+        {
+            "deletion_log": str(args.deletion_log),
+            "files": [str(file) for file in files],
+            "received": len(received) + len(rejected),
+            "parsed": len(received),
+            "rejected": [rejection.as_dict() for rejection in rejected],
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -19,8 +19,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = batch_arguments(parser("report", __doc__)).parse_args(argv)
     settings, home = context(args)
     batch_dir, batch_id = args.batch_dir, args.batch_dir.name
-    manifests = {step: json.loads((batch_dir / f"{step}.json").read_text())
-                 for step in STEPS if (batch_dir / f"{step}.json").exists()}
+    manifests = {
+        step: json.loads((batch_dir / f"{step}.json").read_text())
+        for step in STEPS
+        if (batch_dir / f"{step}.json").exists()
+    }
     summary = summarize(batch_id, manifests)
     history = manifests.get("unlearn", {}).get("history")
     plot = plot_unlearning(history, settings.unlearn.target_auc_band, batch_dir / "unlearning.png") if history else None
@@ -30,8 +33,17 @@ def main(argv: list[str] | None = None) -> dict:
         now = datetime.now(UTC).isoformat()
         with home.honored_log.open("a") as out:
             for entry in read_received(batch_dir / VALID_FILE):
-                out.write(json.dumps({"request_id": entry.request.request_id, "batch_id": batch_id,
-                                      "model_version": summary["model_version"], "honored_at": now}) + "\n")
+                out.write(
+                    json.dumps(
+                        {
+                            "request_id": entry.request.request_id,
+                            "batch_id": batch_id,
+                            "model_version": summary["model_version"],
+                            "honored_at": now,
+                        }
+                    )
+                    + "\n"
+                )
     if summary["mlflow_run_id"]:
         Registry(home, settings.mlflow)
         with mlflow.start_run(run_id=summary["mlflow_run_id"]):

@@ -21,13 +21,16 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError("split failed its checks: " + "; ".join(problems))
     split.to_parquet(args.batch_dir / SPLIT_FILE, index=False)
     forget = split[split.role == "forget"]
-    return write_manifest(args.batch_dir / "split.json", {
-        "snapshot_hash": snapshot.manifest["content_hash"],
-        "split_hash": content_hash(split),
-        "rows": {role: int((split.role == role).sum()) for role in ROLES},
-        "forgotten_users": int(forget.user_id.nunique()),
-        "requests": len(requests),
-    })
+    return write_manifest(
+        args.batch_dir / "split.json",
+        {
+            "snapshot_hash": snapshot.manifest["content_hash"],
+            "split_hash": content_hash(split),
+            "rows": {role: int((split.role == role).sum()) for role in ROLES},
+            "forgotten_users": int(forget.user_id.nunique()),
+            "requests": len(requests),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -24,8 +24,9 @@ CANDIDATE_DIR = "candidate"
 
 def main(argv: list[str] | None = None) -> dict:
     cli = batch_arguments(parser("unlearn", __doc__))
-    cli.add_argument("--model", default="champion",
-                     help="'champion' (the registry's champion version) or a saved model folder")
+    cli.add_argument(
+        "--model", default="champion", help="'champion' (the registry's champion version) or a saved model folder"
+    )
     args = cli.parse_args(argv)
     settings, home = context(args)
     snapshot = read_snapshot(snapshot_dir(args, home))
@@ -36,8 +37,10 @@ def main(argv: list[str] | None = None) -> dict:
         registry = Registry(home, settings.mlflow)
         champion = registry.champion()
         if champion is None:
-            raise ValueError(f"registered model {settings.mlflow.registered_model!r} has no champion yet "
-                             "(run `lethe nightly`, which trains and registers the base model first)")
+            raise ValueError(
+                f"registered model {settings.mlflow.registered_model!r} has no champion yet "
+                "(run `lethe nightly`, which trains and registers the base model first)"
+            )
         champion_version = champion.version
         registry.download_model_dir(champion.version, start_dir)
     elif Path(args.model).resolve() != start_dir.resolve():
@@ -48,19 +51,28 @@ def main(argv: list[str] | None = None) -> dict:
     data = unlearning_data(snapshot, pd.read_parquet(args.batch_dir / SPLIT_FILE))
     started = time.perf_counter()
     result = run_unlearning(model, data, settings)
-    save_model(model, args.batch_dir / CANDIDATE_DIR,
-               {**meta, "lineage": f"{meta.get('lineage', 'unknown')}>unlearn:{settings.unlearn.method}",
-                "snapshot_hash": snapshot.manifest["content_hash"]})
-    return write_manifest(args.batch_dir / "unlearn.json", {
-        "method": settings.unlearn.method,
-        "champion_version": champion_version,
-        "steps": result.steps,
-        "stopped": result.stopped,
-        "kept_step": result.best_step,
-        "aucs_at_kept_step": result.aucs,
-        "wall_s": round(time.perf_counter() - started, 2),
-        "history": result.history,
-    })
+    save_model(
+        model,
+        args.batch_dir / CANDIDATE_DIR,
+        {
+            **meta,
+            "lineage": f"{meta.get('lineage', 'unknown')}>unlearn:{settings.unlearn.method}",
+            "snapshot_hash": snapshot.manifest["content_hash"],
+        },
+    )
+    return write_manifest(
+        args.batch_dir / "unlearn.json",
+        {
+            "method": settings.unlearn.method,
+            "champion_version": champion_version,
+            "steps": result.steps,
+            "stopped": result.stopped,
+            "kept_step": result.best_step,
+            "aucs_at_kept_step": result.aucs,
+            "wall_s": round(time.perf_counter() - started, 2),
+            "history": result.history,
+        },
+    )
 
 
 if __name__ == "__main__":

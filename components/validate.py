@@ -5,7 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from components._common import batch_arguments, context, entry_point, parser, read_manifest, snapshot_dir, write_manifest
+from components._common import (
+    batch_arguments,
+    context,
+    entry_point,
+    parser,
+    read_manifest,
+    snapshot_dir,
+    write_manifest,
+)
 from components.ingest import REQUESTS_FILE
 from pipeline.data import read_snapshot
 from pipeline.requests import DeletionRequest, Received, check_against_snapshot
@@ -33,15 +41,22 @@ def main(argv: list[str] | None = None) -> dict:
     valid, rejected = check_against_snapshot(received, snapshot, honored_request_ids(home.honored_log))
     with (args.batch_dir / VALID_FILE).open("w") as out:
         for entry in valid:
-            out.write(json.dumps({"request": entry.request.model_dump(mode="json"),
-                                  "source": entry.source, "line": entry.line}) + "\n")
+            out.write(
+                json.dumps(
+                    {"request": entry.request.model_dump(mode="json"), "source": entry.source, "line": entry.line}
+                )
+                + "\n"
+            )
     for rejection in rejected:
         print(f"rejected {rejection.source}:{rejection.line}: {rejection.reason}: {rejection.message}")
-    return write_manifest(args.batch_dir / "validate.json", {
-        "snapshot_hash": snapshot.manifest["content_hash"],
-        "valid": len(valid),
-        "rejected": [rejection.as_dict() for rejection in rejected],
-    })
+    return write_manifest(
+        args.batch_dir / "validate.json",
+        {
+            "snapshot_hash": snapshot.manifest["content_hash"],
+            "valid": len(valid),
+            "rejected": [rejection.as_dict() for rejection in rejected],
+        },
+    )
 
 
 if __name__ == "__main__":

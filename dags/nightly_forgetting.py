@@ -44,8 +44,14 @@ def run_component(step: str, *args: str, manifest: str | None = None) -> dict:
     if step != "ingest":
         command += ["--batch-dir", str(batch_dir)]
     print("running:", " ".join(command), flush=True)
-    process = subprocess.run(command, env={**os.environ, "LETHE_PARAMS": params}, text=True,
-                             stdout=sys.stdout, stderr=sys.stderr, check=False)
+    process = subprocess.run(
+        command,
+        env={**os.environ, "LETHE_PARAMS": params},
+        text=True,
+        stdout=sys.stdout,
+        stderr=sys.stderr,
+        check=False,
+    )
     if process.returncode != 0:
         raise RuntimeError(f"step {step} failed with exit code {process.returncode}; its error is in the log above")
     return json.loads((batch_dir / (manifest or f"{step}.json")).read_text())

@@ -100,16 +100,11 @@ class Estimate:
         return {"value": self.value, "low": self.low, "high": self.high}
 
 
-def bootstrap_auc(
-    positives: np.ndarray, negatives: np.ndarray, samples: int, confidence: float, seed: int
-) -> Estimate:
+def bootstrap_auc(positives: np.ndarray, negatives: np.ndarray, samples: int, confidence: float, seed: int) -> Estimate:
     """AUC with a percentile bootstrap interval, resampling users within each group."""
     rng = np.random.default_rng(seed)
     positives, negatives = np.asarray(positives, float), np.asarray(negatives, float)
-    draws = [
-        auc(rng.choice(positives, len(positives)), rng.choice(negatives, len(negatives)))
-        for _ in range(samples)
-    ]
+    draws = [auc(rng.choice(positives, len(positives)), rng.choice(negatives, len(negatives))) for _ in range(samples)]
     tail = (1.0 - confidence) / 2 * 100
     low, high = np.nanpercentile(draws, [tail, 100 - tail])
     return Estimate(auc(positives, negatives), float(low), float(high))

@@ -122,8 +122,11 @@ def make_windows(
             inputs.append(chunk_inputs + [PAD_TOKEN] * (max_len - len(chunk_inputs)))
             labels.append(chunk_labels + [IGNORE] * (max_len - len(chunk_labels)))
     if not users:
-        return Windows(torch.zeros(0, dtype=torch.long), torch.zeros(0, max_len, dtype=torch.long),
-                       torch.zeros(0, max_len, dtype=torch.long))
+        return Windows(
+            torch.zeros(0, dtype=torch.long),
+            torch.zeros(0, max_len, dtype=torch.long),
+            torch.zeros(0, max_len, dtype=torch.long),
+        )
     return Windows(torch.tensor(users), torch.tensor(inputs), torch.tensor(labels))
 
 

@@ -50,8 +50,9 @@ class Registry:
         path = batch_dir / RUN_FILE
         if path.exists():
             return json.loads(path.read_text())["run_id"]
-        run = self.client.create_run(self.experiment_id, run_name=f"batch-{batch_id}",
-                                     tags={"lethe.batch_id": batch_id})
+        run = self.client.create_run(
+            self.experiment_id, run_name=f"batch-{batch_id}", tags={"lethe.batch_id": batch_id}
+        )
         batch_dir.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"run_id": run.info.run_id}))
         return run.info.run_id
@@ -74,8 +75,11 @@ class Registry:
     def download_model_dir(self, version: str, destination: Path) -> Path:
         """The safetensors directory of a registered version, copied to `destination`."""
         with tempfile.TemporaryDirectory() as scratch:
-            local = Path(mlflow.artifacts.download_artifacts(
-                artifact_uri=f"models:/{self.model_name}/{version}", dst_path=scratch))
+            local = Path(
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=f"models:/{self.model_name}/{version}", dst_path=scratch
+                )
+            )
             artifacts = Model.load(local / "MLmodel").flavors["python_function"]["artifacts"]
             if destination.exists():
                 shutil.rmtree(destination)

@@ -12,7 +12,9 @@ def summarize(batch_id: str, manifests: dict[str, dict]) -> dict:
     """One flat record of what the batch did, from the step manifests that exist."""
     ingest, validate = manifests.get("ingest", {}), manifests.get("validate", {})
     gate, evaluation, unlearn = manifests.get("gate"), manifests.get("evaluate"), manifests.get("unlearn", {})
-    rejections = ingest.get("rejected", []) + [r for r in validate.get("rejected", []) if r["reason"] != "already_honored"]
+    rejections = ingest.get("rejected", []) + [
+        r for r in validate.get("rejected", []) if r["reason"] != "already_honored"
+    ]
     valid = validate.get("valid", 0)
     passed = gate is not None and gate["gate"] == "passed"
     summary = {
@@ -71,19 +73,25 @@ def render_html(summary: dict, plot_name: str | None) -> str:
         return f"<tr><th>{html.escape(label)}</th><td>{html.escape(str(value))}</td></tr>"
 
     def interval(figures: dict) -> str:
-        return ", ".join(f"{attack}: {e['value']:.3f} [{e['low']:.3f}, {e['high']:.3f}]" for attack, e in figures.items())
+        return ", ".join(
+            f"{attack}: {e['value']:.3f} [{e['low']:.3f}, {e['high']:.3f}]" for attack, e in figures.items()
+        )
 
     rows = [
         row("batch", summary["batch_id"]),
         row("gate", summary["gate"]),
         row("model version", summary["model_version"]),
-        row("requests received / honored / pending / rejected",
+        row(
+            "requests received / honored / pending / rejected",
             f"{summary['requests_total']} / {summary['requests_honored']} / {summary['requests_pending']} / "
-            f"{summary['requests_rejected']}"),
+            f"{summary['requests_rejected']}",
+        ),
         row("NDCG@10 before -> after", f"{summary['ndcg10_before']} -> {summary['ndcg10_after']}"),
         row("MIA AUC before (95% CI)", interval(summary["mia_auc_before_by_attack"])),
         row("MIA AUC after (95% CI)", interval(summary["mia_auc_after_by_attack"])),
-        row("unlearning", f"{summary['unlearn_method']}, {summary['unlearn_steps']} steps: {summary['unlearn_stopped']}"),
+        row(
+            "unlearning", f"{summary['unlearn_method']}, {summary['unlearn_steps']} steps: {summary['unlearn_stopped']}"
+        ),
     ]
     reasons = "".join(f"<li>{html.escape(reason)}</li>" for reason in summary["gate_reasons"])
     rejected = "".join(

@@ -6,7 +6,6 @@ column of MovieLens movie ids in time order. Output: the top-k movie ids per row
 
 from __future__ import annotations
 
-
 import mlflow
 import pandas as pd
 from mlflow.pyfunc import PythonModel

@@ -40,8 +40,7 @@ class TinyBackbone(_Frozen):
     def _heads_divide_width(self) -> TinyBackbone:
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
-                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
-                f"{self.num_attention_heads}"
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
             )
         return self
 
@@ -88,6 +87,7 @@ class UnlearnSettings(_Frozen):
     batch_size: int = Field(ge=1)
     retain_batch_size: int = Field(ge=1)
     retain_weight: float = Field(ge=0.0)
+    retain_loss: Literal["nll", "kl"]
     eval_every: int = Field(ge=1)
     target_auc_band: tuple[float, float]
 
@@ -149,8 +149,7 @@ def load_settings(path: str | Path | None = None) -> Settings:
         return Settings.model_validate(raw)
     except ValidationError as error:
         problems = "; ".join(
-            f"{'.'.join(str(part) for part in item['loc']) or '<root>'}: {item['msg']}"
-            for item in error.errors()
+            f"{'.'.join(str(part) for part in item['loc']) or '<root>'}: {item['msg']}" for item in error.errors()
         )
         raise SettingsError(f"{path}: {problems}") from None
 

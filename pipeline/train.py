@@ -51,8 +51,11 @@ def fit(
             optimizer.step()
             warmup.step()
             losses.append(loss.item())
-        ranks = np.array(list(rank_users(model, val_histories, val_targets, settings.model.max_len,
-                                         settings.eval.batch_size).values()))
+        ranks = np.array(
+            list(
+                rank_users(model, val_histories, val_targets, settings.model.max_len, settings.eval.batch_size).values()
+            )
+        )
         val_ndcg = float(ndcg_at(ranks, 10).mean())
         history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_ndcg10": val_ndcg})
         bar.set_postfix(loss=f"{np.mean(losses):.3f}", val_ndcg10=f"{val_ndcg:.4f}")
@@ -78,8 +81,9 @@ def train_base(snapshot: Snapshot, settings: Settings, progress: bool = True) ->
 
     test_histories = snapshot.sequences(("train", "val"), members)
     test_targets = snapshot.targets("test", members)
-    ranks = np.array(list(rank_users(model, test_histories, test_targets, settings.model.max_len,
-                                     settings.eval.batch_size).values()))
+    ranks = np.array(
+        list(rank_users(model, test_histories, test_targets, settings.model.max_len, settings.eval.batch_size).values())
+    )
     users = sorted(test_targets)
     popularity = most_popular_scores(train_sequences, len(snapshot.items)).expand(len(users), -1)
     pop_ranks = ranks_of_targets(popularity, [test_targets[u] for u in users], [test_histories[u] for u in users])

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM
 
 from pipeline.evaluate import ATTACKS, attack_scores, auc, membership_auc
-from pipeline.model import Windows, make_windows, position_stats, seed_everything, window_loss
+from pipeline.model import IGNORE, Windows, make_windows, position_stats, seed_everything, window_loss
 from pipeline.settings import Settings, UnlearnSettings
 from pipeline.splits import UnlearningData
 
@@ -55,6 +55,15 @@ class UnlearningMethod:
     def __init__(self, model: LlamaForCausalLM, settings: UnlearnSettings) -> None:
         self.model = model
         self.settings = settings
+        self.reference = None
+        if settings.retain_loss == "kl":
+            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def retain_loss(self, retain: Windows) -> torch.Tensor:
+        """NLL on retained data, or KL to the model before unlearning (keeps what it knew, no drift)."""
+        if self.reference is None:
+            return window_loss(self.model, retain)
+        return kl_to_reference(self.model, self.reference, retain)
 
     def loss(self, forget: Windows, retain: Windows) -> torch.Tensor:
         raise NotImplementedError
@@ -73,7 +82,18 @@ class GradientDifference(UnlearningMethod):
     """Ascend the loss on the forget set while descending it on the retain set."""
 
     def loss(self, forget: Windows, retain: Windows) -> torch.Tensor:
-        return -window_loss(self.model, forget) + self.settings.retain_weight * window_loss(self.model, retain)
+        return -window_loss(self.model, forget) + self.settings.retain_weight * self.retain_loss(retain)
+
+
+def kl_to_reference(model: LlamaForCausalLM, reference: LlamaForCausalLM, windows: Windows) -> torch.Tensor:
+    """Mean KL(reference || model) of the next-item distributions at the scored positions."""
+    scored = windows.labels != IGNORE
+    logits = model(input_ids=windows.input_ids, attention_mask=windows.attention_mask).logits[scored]
+    with torch.no_grad():
+        target = reference(input_ids=windows.input_ids, attention_mask=windows.attention_mask).logits[scored]
+    return torch.nn.functional.kl_div(
+        torch.log_softmax(logits, -1), torch.log_softmax(target, -1), log_target=True, reduction="batchmean"
+    )
 
 
 class LeakageProbe:
@@ -95,15 +115,18 @@ class LeakageProbe:
     def point(self, model: LlamaForCausalLM) -> dict[str, float]:
         scores = self.scores(model)
         return {
-            attack: auc(np.array([scores[attack][u] for u in self.forgotten]),
-                        np.array([scores[attack][u] for u in self.non_members]))
+            attack: auc(
+                np.array([scores[attack][u] for u in self.forgotten]),
+                np.array([scores[attack][u] for u in self.non_members]),
+            )
             for attack in ATTACKS
         }
 
     def with_intervals(self, model: LlamaForCausalLM, seed: int) -> dict[str, dict[str, float]]:
         config = self.settings.eval
-        estimates = membership_auc(self.scores(model), self.forgotten, self.non_members,
-                                   config.bootstrap_samples, config.confidence, seed)
+        estimates = membership_auc(
+            self.scores(model), self.forgotten, self.non_members, config.bootstrap_samples, config.confidence, seed
+        )
         return {attack: estimate.as_dict() for attack, estimate in estimates.items()}
 
 
@@ -140,7 +163,9 @@ def run_unlearning(
     retain = make_windows(data.retain_sequences, settings.model.max_len)
     probe = LeakageProbe(data, settings)
     method = method_named(config.method)(model, config)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=config.learning_rate, weight_decay=0.0
+    )
 
     aucs = probe.point(model)
     history = [{"step": 0, "loss": None, **{f"auc_{a}": v for a, v in aucs.items()}}]
@@ -152,8 +177,11 @@ def run_unlearning(
     bar = tqdm(range(1, config.max_steps + 1), desc=f"unlearn[{config.method}]", unit="step", disable=not progress)
     for step in bar:
         model.train()
-        loss = method.step(_sample(forget, config.batch_size, generator),
-                           _sample(retain, config.retain_batch_size, generator), optimizer)
+        loss = method.step(
+            _sample(forget, config.batch_size, generator),
+            _sample(retain, config.retain_batch_size, generator),
+            optimizer,
+        )
         if not np.isfinite(loss):
             stopped = f"loss became {loss} at step {step}"
             break

@@ -1,0 +1,67 @@
+"""Shared fixtures: a tiny config derived from the real params.yaml, real MovieLens, a briefly trained model."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pipeline.data import load_movielens, prepare_snapshot
+from pipeline.settings import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+torch.set_num_threads(2)
+
+
+def tiny_params(**overrides) -> dict:
+    """The repository's params.yaml shrunk to run in seconds; overrides are dotted keys."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"]["max_users"] = 250
+    params["model"]["max_len"] = 32
+    params["model"]["tiny"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    params["train"].update(epochs=8, patience=8, batch_size=32, learning_rate=0.005, warmup_steps=5)
+    params["eval"]["bootstrap_samples"] = 200
+    params["unlearn"].update(max_steps=40, eval_every=2)
+    for dotted, value in overrides.items():
+        node = params
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    return params
+
+
+def write_params(path: Path, **overrides) -> Path:
+    path.write_text(yaml.safe_dump(tiny_params(**overrides)))
+    return path
+
+
+@pytest.fixture(scope="session")
+def settings() -> Settings:
+    return Settings.model_validate(tiny_params())
+
+
+@pytest.fixture(scope="session")
+def ratings():
+    return load_movielens()
+
+
+@pytest.fixture(scope="session")
+def snapshot(ratings, settings):
+    return prepare_snapshot(ratings, settings.data, settings.seed)
+
+
+@pytest.fixture(scope="session")
+def trained(snapshot, settings):
+    """A base model trained on the tiny config, with its training report (read-only: copy to mutate)."""
+    from pipeline.train import train_base
+
+    return train_base(snapshot, settings, progress=False)
+
+
+@pytest.fixture
+def fresh_model(trained):
+    return copy.deepcopy(trained[0])

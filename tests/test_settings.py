@@ -1,0 +1,47 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.settings import Settings, SettingsError, load_settings
+from tests.conftest import REPO, tiny_params
+
+
+def test_repository_params_load():
+    settings = load_settings(REPO / "params.yaml")
+    assert settings.eval.ks[0] == 10 and settings.unlearn.method == "grad_diff"
+
+
+def test_settings_are_frozen(settings: Settings):
+    with pytest.raises(Exception, match="frozen"):
+        settings.seed = 1
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda p: p["train"].update(epochs=0), "train.epochs"),
+        (lambda p: p["data"].update(typo_key=1), "data.typo_key"),
+        (lambda p: p["gate"].update(min_leakage_auc=0.55), "leakage band"),
+        (lambda p: p["unlearn"].update(target_auc_band=[0.6, 0.7]), "target_auc_band"),
+        (lambda p: p["model"]["tiny"].update(hidden_size=30, num_attention_heads=4), "divisible"),
+        (lambda p: p["eval"].update(ks=[5, 20]), "must contain 10"),
+    ],
+)
+def test_invalid_params_name_the_key(tmp_path: Path, mutate, message):
+    params = tiny_params()
+    mutate(params)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    with pytest.raises(SettingsError, match=message) as error:
+        load_settings(path)
+    assert str(path) in str(error.value)
+
+
+def test_missing_and_broken_files(tmp_path: Path):
+    with pytest.raises(SettingsError, match="no such params file"):
+        load_settings(tmp_path / "absent.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("seed: [unclosed")
+    with pytest.raises(SettingsError, match="not valid YAML"):
+        load_settings(broken)
