@@ -136,9 +136,10 @@ def sample_log(args: argparse.Namespace) -> int:
 
     params = (args.params or default_params_path()).resolve()
     settings, home = load_settings(params), Home(args.home)
-    if not (home.snapshot / "manifest.json").exists():
-        prepare.main(["--params", str(params), "--home", str(home.root)])
-    snapshot = read_snapshot(home.snapshot)
+    snapshot_dir = args.snapshot or home.snapshot
+    if not (snapshot_dir / "manifest.json").exists():
+        prepare.main(["--params", str(params), "--home", str(home.root), "--out", str(snapshot_dir)])
+    snapshot = read_snapshot(snapshot_dir)
     users = np.random.default_rng(settings.seed).choice(
         snapshot.members, args.users or settings.nightly.sample_users, replace=False
     )
@@ -174,6 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--batch-id", default=None, help="batch folder name (default: UTC timestamp)")
     sample = commands.add_parser("sample-log", help="write a demo deletion log of random members")
     sample.add_argument("--out", required=True)
+    sample.add_argument("--snapshot", type=Path, default=None, help="data snapshot (default: under home)")
     sample.add_argument("--users", type=int, default=None, help="how many (default: nightly.sample_users)")
     for step in ("prepare", "train"):
         commands.add_parser(step, help=f"run the {step} step alone")
@@ -195,3 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     except (SettingsError, FileNotFoundError, ValueError, RuntimeError) as error:
         print(f"lethe {args.command}: error: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -11,10 +11,11 @@ import tempfile
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
-from mlflow.models import Model
+from mlflow.models import Model, infer_signature
 
 from pipeline.settings import Home, MlflowSettings
 
@@ -65,6 +66,9 @@ class Registry:
             artifacts={"model_dir": str(model_dir)},
             code_paths=[str(PACKAGE_DIR)],
             pip_requirements=SERVING_REQUIREMENTS,
+            signature=infer_signature(
+                pd.DataFrame({"history": [[1, 2, 3]]}), pd.DataFrame({"recommended": [[4, 5]]}), params={"k": 10}
+            ),
         )
         return info.model_uri
 
