@@ -109,4 +109,4 @@ def nightly_forgetting():
     gate(evaluate(unlearn(split_manifest))) >> report()
 
 
-nightly_forgetting()
+dag_object = nightly_forgetting()

@@ -90,11 +90,21 @@ class UnlearnSettings(_Frozen):
     retain_loss: Literal["nll", "kl"]
     eval_every: int = Field(ge=1)
     target_auc_band: tuple[float, float]
+    npo_beta: float = Field(gt=0.0)
+    ssd_alpha: float = Field(gt=0.0)
+    ssd_lambda: float = Field(gt=0.0)
 
     @model_validator(mode="after")
     def _band(self) -> UnlearnSettings:
         _check_band(self.target_auc_band, "unlearn.target_auc_band")
         return self
+
+
+class CircuitSettings(_Frozen):
+    forget_fraction: float = Field(gt=0.0, le=1.0)
+    retain_fraction: float = Field(gt=0.0, le=1.0)
+    retain_windows: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
 
 
 class GateSettings(_Frozen):
@@ -125,6 +135,7 @@ class Settings(_Frozen):
     train: TrainSettings
     eval: EvalSettings
     unlearn: UnlearnSettings
+    circuits: CircuitSettings
     gate: GateSettings
     mlflow: MlflowSettings
     nightly: NightlySettings

@@ -63,6 +63,8 @@ class UnlearningData:
     non_member_sequences: dict[int, list[int]]
     eval_histories: dict[int, list[int]]  # retained users: train + val without forgotten items
     eval_targets: dict[int, int]  # retained users' test item
+    val_histories: dict[int, list[int]]  # retained users: train without forgotten items (for retraining)
+    val_targets: dict[int, int]  # retained users' validation item
 
     @property
     def forgotten_users(self) -> list[int]:
@@ -91,7 +93,7 @@ def unlearning_data(snapshot: Snapshot, split: pd.DataFrame) -> UnlearningData:
     whole_users = split.groupby("user_id").role.agg(lambda roles: (roles == "forget").all())
     retained_users = set(whole_users.index[~whole_users & split.groupby("user_id").member.first()])
     kept = split[(split.role == "retain") & split.user_id.isin(retained_users)]
-    tests = kept[kept.split == "test"]
+    tests, vals = kept[kept.split == "test"], kept[kept.split == "val"]
     return UnlearningData(
         forget_sequences=_sequences(affected, token),
         forget_scored=forget_scored,
@@ -99,4 +101,6 @@ def unlearning_data(snapshot: Snapshot, split: pd.DataFrame) -> UnlearningData:
         non_member_sequences=_sequences(train[train.role == "non_member"], token),
         eval_histories=_sequences(kept[kept.split.isin(["train", "val"])], token),
         eval_targets={int(u): token[int(i)] for u, i in zip(tests.user_id, tests.item_id, strict=True)},
+        val_histories=_sequences(kept[kept.split == "train"], token),
+        val_targets={int(u): token[int(i)] for u, i in zip(vals.user_id, vals.item_id, strict=True)},
     )

@@ -1,8 +1,9 @@
 """Unlearning methods behind one interface, and the loop and stopping rule they share.
 
-Each method is one small class that says how a forget batch and a retain batch become a loss,
-registered by name and chosen in params.yaml (`unlearn.method`), as in open-unlearning. The loop
-owns everything else: sampling, the optimiser, progress, and the stopping rule: stop once the
+Each method is one small class, registered by name and chosen in params.yaml (`unlearn.method`), as in
+open-unlearning. Most override `loss` (a forget batch and a retain batch become one loss); a method that
+is more than a loss overrides `step` (CURE, gradient projection) or the whole `run` (retrain, SSD).
+The shared loop owns the rest: sampling, the optimiser, progress, and the stopping rule: stop once the
 forgotten users' membership-inference AUC against non-members lies inside the target band around 0.5
 for every attack, and keep the checkpoint that came closest if it never does.
 """
@@ -19,9 +20,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM
 
+from pipeline.circuits import Circuits, extract_circuits
 from pipeline.evaluate import ATTACKS, attack_scores, auc, membership_auc
-from pipeline.model import IGNORE, Windows, make_windows, position_stats, seed_everything, window_loss
-from pipeline.settings import Settings, UnlearnSettings
+from pipeline.model import IGNORE, Windows, build_model, make_windows, position_stats, seed_everything, window_loss
+from pipeline.settings import Settings
 from pipeline.splits import UnlearningData
 
 log = logging.getLogger(__name__)
@@ -47,44 +49,6 @@ def method_named(name: str) -> type[UnlearningMethod]:
         raise ValueError(f"unknown unlearning method {name!r}; known: {sorted(METHODS)}") from None
 
 
-class UnlearningMethod:
-    """One unlearning method: override `loss` (or `step` when a method is more than a loss)."""
-
-    name: ClassVar[str]
-
-    def __init__(self, model: LlamaForCausalLM, settings: UnlearnSettings) -> None:
-        self.model = model
-        self.settings = settings
-        self.reference = None
-        if settings.retain_loss == "kl":
-            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
-
-    def retain_loss(self, retain: Windows) -> torch.Tensor:
-        """NLL on retained data, or KL to the model before unlearning (keeps what it knew, no drift)."""
-        if self.reference is None:
-            return window_loss(self.model, retain)
-        return kl_to_reference(self.model, self.reference, retain)
-
-    def loss(self, forget: Windows, retain: Windows) -> torch.Tensor:
-        raise NotImplementedError
-
-    def step(self, forget: Windows, retain: Windows, optimizer: torch.optim.Optimizer) -> float:
-        loss = self.loss(forget, retain)
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        optimizer.step()
-        return float(loss.detach())
-
-
-@register("grad_diff")
-class GradientDifference(UnlearningMethod):
-    """Ascend the loss on the forget set while descending it on the retain set."""
-
-    def loss(self, forget: Windows, retain: Windows) -> torch.Tensor:
-        return -window_loss(self.model, forget) + self.settings.retain_weight * self.retain_loss(retain)
-
-
 def kl_to_reference(model: LlamaForCausalLM, reference: LlamaForCausalLM, windows: Windows) -> torch.Tensor:
     """Mean KL(reference || model) of the next-item distributions at the scored positions."""
     scored = windows.labels != IGNORE
@@ -94,6 +58,12 @@ def kl_to_reference(model: LlamaForCausalLM, reference: LlamaForCausalLM, window
     return torch.nn.functional.kl_div(
         torch.log_softmax(logits, -1), torch.log_softmax(target, -1), log_target=True, reduction="batchmean"
     )
+
+
+def token_log_probs(model: LlamaForCausalLM, windows: Windows) -> torch.Tensor:
+    scored = windows.labels != IGNORE
+    logits = model(input_ids=windows.input_ids, attention_mask=windows.attention_mask).logits[scored]
+    return torch.log_softmax(logits, -1).gather(1, windows.labels[scored].unsqueeze(1)).squeeze(1)
 
 
 class LeakageProbe:
@@ -145,60 +115,333 @@ class UnlearnResult:
     best_step: int
     aucs: dict[str, float]  # at the kept checkpoint
     history: list[dict] = field(default_factory=list)
+    circuits: Circuits | None = None
 
 
 def _sample(windows: Windows, size: int, generator: torch.Generator) -> Windows:
     return windows.batch(torch.randint(len(windows), (size,), generator=generator))
 
 
+def _flat_dot(first: list[torch.Tensor], second: list[torch.Tensor]) -> torch.Tensor:
+    return sum((a * b).sum() for a, b in zip(first, second, strict=True))
+
+
+def project_out(gradient: list[torch.Tensor], direction: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`gradient` minus its component along `direction` (both flattened across the tensors given)."""
+    norm = _flat_dot(direction, direction)
+    if norm <= 1e-20:
+        return gradient
+    coefficient = _flat_dot(gradient, direction) / norm
+    return [g - coefficient * d for g, d in zip(gradient, direction, strict=True)]
+
+
+class UnlearningMethod:
+    """One unlearning method: override `loss`, or `step` / `run` when it is more than a loss."""
+
+    name: ClassVar[str]
+    needs_circuits: ClassVar[bool] = False
+
+    def __init__(
+        self, model: LlamaForCausalLM, settings: Settings, data: UnlearningData, circuits: Circuits | None = None
+    ) -> None:
+        self.model, self.full_settings, self.settings, self.data = model, settings, settings.unlearn, data
+        self.circuits = circuits
+        self.generator = seed_everything(settings.seed)
+        max_len = settings.model.max_len
+        self.forget = make_windows(data.forget_sequences, max_len, data.forget_scored)
+        self.retain = make_windows(data.retain_sequences, max_len)
+        self.reference = None
+        if self.settings.retain_loss == "kl" or self.name == "npo":
+            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+
+    # -- the pieces a method combines -------------------------------------------------------------
+    def forget_loss(self, forget: Windows) -> torch.Tensor:
+        return window_loss(self.model, forget)
+
+    def retain_loss(self, retain: Windows) -> torch.Tensor:
+        """NLL on retained data, or KL to the model before unlearning (keeps what it knew, no drift)."""
+        if self.settings.retain_loss == "nll":
+            return window_loss(self.model, retain)
+        return kl_to_reference(self.model, self.reference, retain)
+
+    def loss(self, forget: Windows, retain: Windows) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must override loss, step or run")
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def step(self, forget: Windows, retain: Windows, optimizer: torch.optim.Optimizer) -> float:
+        loss = self.loss(forget, retain)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.parameters(), 1.0)
+        optimizer.step()
+        return float(loss.detach())
+
+    def gradients(self, loss: torch.Tensor) -> list[torch.Tensor]:
+        grads = torch.autograd.grad(loss, self.parameters(), allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(self.parameters(), grads, strict=True)]
+
+    # -- the shared loop --------------------------------------------------------------------------
+    def run(self, probe: LeakageProbe, progress: bool = True) -> UnlearnResult:
+        config, model = self.settings, self.model
+        optimizer = torch.optim.AdamW(self.parameters(), lr=config.learning_rate, weight_decay=0.0)
+        aucs = probe.point(model)
+        history = [{"step": 0, "loss": None, **{f"auc_{a}": v for a, v in aucs.items()}}]
+        best = (worst_deviation(aucs), 0, aucs, copy.deepcopy(model.state_dict()))
+        if in_band(aucs, config.target_auc_band):
+            return UnlearnResult(0, "already inside the target band before any update", 0, aucs, history)
+        stopped, step = "max_steps reached", 0
+        bar = tqdm(range(1, config.max_steps + 1), desc=f"unlearn[{self.name}]", unit="step", disable=not progress)
+        for step in bar:
+            model.train()
+            loss = self.step(
+                _sample(self.forget, config.batch_size, self.generator),
+                _sample(self.retain, config.retain_batch_size, self.generator),
+                optimizer,
+            )
+            if not np.isfinite(loss):
+                stopped = f"loss became {loss} at step {step}"
+                break
+            if step % config.eval_every and step != config.max_steps:
+                continue
+            aucs = probe.point(model)
+            history.append({"step": step, "loss": loss, **{f"auc_{a}": v for a, v in aucs.items()}})
+            bar.set_postfix(loss=f"{loss:.3f}", worst_auc_gap=f"{worst_deviation(aucs):.3f}")
+            if worst_deviation(aucs) < best[0]:
+                best = (worst_deviation(aucs), step, aucs, copy.deepcopy(model.state_dict()))
+            if in_band(aucs, config.target_auc_band):
+                stopped = "inside the target band"
+                break
+            if all(value < config.target_auc_band[0] for value in aucs.values()):
+                stopped = "overshot below the target band; kept the checkpoint closest to 0.5"
+                break
+        model.load_state_dict(best[3])
+        model.eval()
+        log.info("%s stopped after %d steps (%s); kept step %d", self.name, step, stopped, best[1])
+        return UnlearnResult(step, stopped, best[1], best[2], history)
+
+
+@register("grad_ascent")
+class GradientAscent(UnlearningMethod):
+    """Ascend the loss on the forget set; nothing holds utility in place."""
+
+    def loss(self, forget: Windows, retain: Windows) -> torch.Tensor:
+        return -self.forget_loss(forget)
+
+
+@register("grad_diff")
+class GradientDifference(UnlearningMethod):
+    """Ascend the loss on the forget set while holding the retain set (NLL or KL to the old model)."""
+
+    def loss(self, forget: Windows, retain: Windows) -> torch.Tensor:
+        return -self.forget_loss(forget) + self.settings.retain_weight * self.retain_loss(retain)
+
+
+@register("finetune")
+class RetainFinetune(UnlearningMethod):
+    """Keep training on the retain set only and hope the forget set fades (it rarely does quickly)."""
+
+    def loss(self, forget: Windows, retain: Windows) -> torch.Tensor:
+        return window_loss(self.model, retain)
+
+
+@register("npo")
+class NegativePreferenceOptimization(UnlearningMethod):
+    """NPO: a bounded forget loss, -2/beta log sigmoid(-beta log(p/p_old)), plus the retain term."""
+
+    def loss(self, forget: Windows, retain: Windows) -> torch.Tensor:
+        beta = self.settings.npo_beta
+        ratio = token_log_probs(self.model, forget)
+        with torch.no_grad():
+            ratio_ref = token_log_probs(self.reference, forget)
+        forget_term = -(2.0 / beta) * torch.nn.functional.logsigmoid(-beta * (ratio - ratio_ref)).mean()
+        return forget_term + self.settings.retain_weight * self.retain_loss(retain)
+
+
+@register("grad_projection")
+class GradientProjection(UnlearningMethod):
+    """Over all parameters: forget ascent projected orthogonal to the retain gradient, plus retain descent."""
+
+    def masks(self) -> dict[str, list[torch.Tensor]] | None:
+        return None  # every parameter is treated as task-shared
+
+    def step(self, forget: Windows, retain: Windows, optimizer: torch.optim.Optimizer) -> float:
+        forget_loss = self.forget_loss(forget)
+        g_forget = self.gradients(forget_loss)
+        g_retain_task = self.gradients(window_loss(self.model, retain))
+        keep = self.settings.retain_weight * self.retain_loss(retain)
+        g_keep = self.gradients(keep) if keep.requires_grad else [torch.zeros_like(g) for g in g_forget]
+        masks = self.masks()
+        if masks is None:
+            ascent = project_out(g_forget, g_retain_task)
+            update = [-a + k for a, k in zip(ascent, g_keep, strict=True)]
+        else:
+            shared = [m * g for m, g in zip(masks["shared"], g_forget, strict=True)]
+            shared_retain = [m * g for m, g in zip(masks["shared"], g_retain_task, strict=True)]
+            projected = project_out(shared, shared_retain)
+            update = [
+                -(mf * gf) - p + (ms + mr) * gk
+                for mf, gf, p, ms, mr, gk in zip(
+                    masks["forget_specific"],
+                    g_forget,
+                    projected,
+                    masks["shared"],
+                    masks["retain_specific"],
+                    g_keep,
+                    strict=True,
+                )
+            ]
+        optimizer.zero_grad()
+        for parameter, direction in zip(self.parameters(), update, strict=True):
+            parameter.grad = direction
+        torch.nn.utils.clip_grad_norm_(self.parameters(), 1.0)
+        optimizer.step()
+        return float(keep.detach() - forget_loss.detach())
+
+
+@register("cure")
+class CircuitAwareUnlearning(GradientProjection):
+    """CURE: forget-specific units follow the forget objective; task-shared units take the forget gradient
+    projected orthogonal to the retain gradient plus retain descent; retain-specific units take retain
+    descent only; everything else is frozen. Units are heads (their rows of q/k/v, columns of o) and MLP
+    neurons (their rows of gate/up, column of down)."""
+
+    needs_circuits = True
+
+    def __init__(self, model, settings, data, circuits=None) -> None:
+        super().__init__(model, settings, data, circuits)
+        if self.circuits is None:
+            config = settings.circuits
+            self.circuits = extract_circuits(
+                model,
+                self.forget,
+                _sample(self.retain, config.retain_windows, self.generator),
+                config.forget_fraction,
+                config.retain_fraction,
+                config.batch_size,
+            )
+        self._masks = parameter_masks(model, self.circuits)
+        self._trainable = [name for name, _ in model.named_parameters() if name in self._masks["any"]]
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        named = dict(self.model.named_parameters())
+        return [named[name] for name in self._trainable]
+
+    def masks(self) -> dict[str, list[torch.Tensor]]:
+        return {
+            group: [self._masks[group][name] for name in self._trainable]
+            for group in ("forget_specific", "shared", "retain_specific")
+        }
+
+    def run(self, probe: LeakageProbe, progress: bool = True) -> UnlearnResult:
+        result = super().run(probe, progress)
+        result.circuits = self.circuits
+        return result
+
+
+def parameter_masks(model: LlamaForCausalLM, circuits: Circuits) -> dict[str, dict[str, torch.Tensor]]:
+    """Per group, a 0/1 mask over each parameter tensor that a head or neuron of that group owns."""
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    masks: dict[str, dict[str, torch.Tensor]] = {g: {} for g in ("forget_specific", "shared", "retain_specific")}
+    params = dict(model.named_parameters())
+    for group in masks:
+        for site, units in circuits.groups[group].items():
+            layer = int(site.split(".")[0].removeprefix("layer"))
+            prefix = f"model.layers.{layer}"
+            if site.endswith("heads"):
+                rows = torch.zeros(config.hidden_size)
+                for head in torch.nonzero(units).flatten().tolist():
+                    rows[head * head_dim : (head + 1) * head_dim] = 1.0
+                for proj in ("q_proj", "k_proj", "v_proj"):
+                    name = f"{prefix}.self_attn.{proj}.weight"
+                    masks[group][name] = masks[group].get(name, 0) + rows[:, None].expand_as(params[name])
+                name = f"{prefix}.self_attn.o_proj.weight"
+                masks[group][name] = masks[group].get(name, 0) + rows[None, :].expand_as(params[name])
+            else:
+                rows = units.float()
+                for proj in ("gate_proj", "up_proj"):
+                    name = f"{prefix}.mlp.{proj}.weight"
+                    masks[group][name] = masks[group].get(name, 0) + rows[:, None].expand_as(params[name])
+                name = f"{prefix}.mlp.down_proj.weight"
+                masks[group][name] = masks[group].get(name, 0) + rows[None, :].expand_as(params[name])
+    names = set().union(*(set(m) for m in masks.values()))
+    for group in masks:
+        for name in names:
+            masks[group][name] = torch.as_tensor(masks[group].get(name, torch.zeros_like(params[name]))).clone()
+    masks["any"] = {name: None for name in names}
+    return masks
+
+
+@register("ssd")
+class SelectiveSynapticDampening(UnlearningMethod):
+    """SSD: dampen parameters far more important (diagonal Fisher) to the forget set than to all training
+    data: where F_forget > alpha F_all, scale by min(lambda F_all / F_forget, 1). One shot, no training."""
+
+    def fisher(self, windows: Windows) -> list[torch.Tensor]:
+        totals = [torch.zeros_like(p) for p in self.parameters()]
+        size = self.full_settings.eval.batch_size
+        for start in range(0, len(windows), size):
+            grads = self.gradients(window_loss(self.model, windows.batch(slice(start, start + size))))
+            totals = [t + g.square() for t, g in zip(totals, grads, strict=True)]
+        batches = max(1, -(-len(windows) // size))
+        return [t / batches for t in totals]
+
+    def run(self, probe: LeakageProbe, progress: bool = True) -> UnlearnResult:
+        alpha, dampening = self.settings.ssd_alpha, self.settings.ssd_lambda
+        before = probe.point(self.model)
+        everything = Windows(
+            *(
+                torch.cat([a, b])
+                for a, b in zip(
+                    (self.forget.users, self.forget.input_ids, self.forget.labels),
+                    (self.retain.users, self.retain.input_ids, self.retain.labels),
+                    strict=True,
+                )
+            )
+        )
+        fisher_forget, fisher_all = self.fisher(self.forget), self.fisher(everything)
+        with torch.no_grad():
+            for parameter, f_forget, f_all in zip(self.parameters(), fisher_forget, fisher_all, strict=True):
+                selected = f_forget > alpha * f_all
+                scale = torch.clamp(dampening * f_all / f_forget.clamp_min(1e-30), max=1.0)
+                parameter.mul_(torch.where(selected, scale, torch.ones_like(scale)))
+        self.model.eval()
+        after = probe.point(self.model)
+        history = [
+            {"step": 0, "loss": None, **{f"auc_{a}": v for a, v in before.items()}},
+            {"step": 1, "loss": None, **{f"auc_{a}": v for a, v in after.items()}},
+        ]
+        return UnlearnResult(1, "one-shot dampening", 1, after, history)
+
+
+@register("retrain")
+class RetrainFromScratch(UnlearningMethod):
+    """The gold standard: the same recipe as the base model, from scratch, on the retain set only."""
+
+    def run(self, probe: LeakageProbe, progress: bool = True) -> UnlearnResult:
+        from pipeline.train import fit
+
+        settings = self.full_settings
+        fresh = build_model(self.model.config.vocab_size, settings.model, settings.seed)
+        fit(fresh, self.data.retain_sequences, self.data.val_histories, self.data.val_targets, settings, progress)
+        self.model.load_state_dict(fresh.state_dict())
+        self.model.eval()
+        aucs = probe.point(self.model)
+        history = [{"step": 1, "loss": None, **{f"auc_{a}": v for a, v in aucs.items()}}]
+        return UnlearnResult(1, "retrained from scratch on the retain set", 1, aucs, history)
+
+
 def run_unlearning(
-    model: LlamaForCausalLM, data: UnlearningData, settings: Settings, progress: bool = True
+    model: LlamaForCausalLM,
+    data: UnlearningData,
+    settings: Settings,
+    progress: bool = True,
+    circuits: Circuits | None = None,
 ) -> UnlearnResult:
     """Unlearn in place with the configured method; leave the model at the kept checkpoint."""
-    config = settings.unlearn
     if not data.forget_sequences:
         return UnlearnResult(0, "nothing to forget: no member interactions in this batch", 0, {})
-    generator = seed_everything(settings.seed)
-    forget = make_windows(data.forget_sequences, settings.model.max_len, data.forget_scored)
-    retain = make_windows(data.retain_sequences, settings.model.max_len)
-    probe = LeakageProbe(data, settings)
-    method = method_named(config.method)(model, config)
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=config.learning_rate, weight_decay=0.0
-    )
-
-    aucs = probe.point(model)
-    history = [{"step": 0, "loss": None, **{f"auc_{a}": v for a, v in aucs.items()}}]
-    best = (worst_deviation(aucs), 0, aucs, copy.deepcopy(model.state_dict()))
-    if in_band(aucs, config.target_auc_band):
-        return UnlearnResult(0, "already inside the target band before any update", 0, aucs, history)
-
-    stopped, step = "max_steps reached", 0
-    bar = tqdm(range(1, config.max_steps + 1), desc=f"unlearn[{config.method}]", unit="step", disable=not progress)
-    for step in bar:
-        model.train()
-        loss = method.step(
-            _sample(forget, config.batch_size, generator),
-            _sample(retain, config.retain_batch_size, generator),
-            optimizer,
-        )
-        if not np.isfinite(loss):
-            stopped = f"loss became {loss} at step {step}"
-            break
-        if step % config.eval_every and step != config.max_steps:
-            continue
-        aucs = probe.point(model)
-        history.append({"step": step, "loss": loss, **{f"auc_{a}": v for a, v in aucs.items()}})
-        bar.set_postfix(loss=f"{loss:.3f}", worst_auc_gap=f"{worst_deviation(aucs):.3f}")
-        if worst_deviation(aucs) < best[0]:
-            best = (worst_deviation(aucs), step, aucs, copy.deepcopy(model.state_dict()))
-        if in_band(aucs, config.target_auc_band):
-            stopped = "inside the target band"
-            break
-        if all(value < config.target_auc_band[0] for value in aucs.values()):
-            stopped = "overshot below the target band; kept the checkpoint closest to 0.5"
-            break
-    model.load_state_dict(best[3])
-    model.eval()
-    log.info("unlearning stopped after %d steps (%s); kept step %d", step, stopped, best[1])
-    return UnlearnResult(step, stopped, best[1], best[2], history)
+    method = method_named(settings.unlearn.method)(model, settings, data, circuits)
+    return method.run(LeakageProbe(data, settings), progress)

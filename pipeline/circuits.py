@@ -1,0 +1,281 @@
+"""Circuits: which attention heads and MLP neurons carry an objective, by attribution patching.
+
+Plain `transformers` modules and forward hooks, no model conversion. A head's activation is its slice
+of the attention output before `o_proj`; a neuron's is its entry of the input of `down_proj`. The score
+of a module for an objective is |(activation - its mean) . gradient of the objective|, averaged over the
+scored positions: the first-order estimate of how much the loss would move if the module were replaced
+by its mean (mean ablation). One forward and one backward per batch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import LlamaForCausalLM
+
+from pipeline.model import IGNORE, Windows, window_loss
+
+GROUPS = ("forget_specific", "retain_specific", "shared", "inert")
+
+
+def _sites(model: LlamaForCausalLM) -> dict[str, torch.nn.Module]:
+    """The linear layers whose inputs are the module activations: o_proj (heads), down_proj (neurons)."""
+    sites = {}
+    for index, layer in enumerate(model.model.layers):
+        sites[f"layer{index}.heads"] = layer.self_attn.o_proj
+        sites[f"layer{index}.neurons"] = layer.mlp.down_proj
+    return sites
+
+
+def _unit_count(model: LlamaForCausalLM, site: str) -> int:
+    config = model.config
+    return config.num_attention_heads if site.endswith("heads") else config.intermediate_size
+
+
+def _per_unit(model: LlamaForCausalLM, site: str, values: torch.Tensor) -> torch.Tensor:
+    """(..., features) -> (..., units): heads sum their head_dim slice, neurons are already units."""
+    if site.endswith("neurons"):
+        return values
+    heads = model.config.num_attention_heads
+    return values.reshape(*values.shape[:-1], heads, values.shape[-1] // heads).sum(-1)
+
+
+@contextmanager
+def _capture(model: LlamaForCausalLM) -> Iterator[dict[str, torch.Tensor]]:
+    """Record each site's input activation and, after backward, its gradient."""
+    captured: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def hook(site: str):
+        def pre_hook(module, args):
+            activation = args[0]
+            captured[f"{site}.act"] = activation.detach()
+            if activation.requires_grad:
+                activation.register_hook(lambda grad: captured.__setitem__(f"{site}.grad", grad.detach()))
+
+        return pre_hook
+
+    for site, module in _sites(model).items():
+        handles.append(module.register_forward_pre_hook(hook(site)))
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def attribution_scores(model: LlamaForCausalLM, windows: Windows, batch_size: int) -> dict[str, torch.Tensor]:
+    """Per site, a score per unit (head or neuron) for the next-item loss on `windows`."""
+    model.eval()
+    totals: dict[str, torch.Tensor] = {}
+    count = 0
+    for start in range(0, len(windows), batch_size):
+        batch = windows.batch(slice(start, start + batch_size))
+        scored = batch.labels != IGNORE
+        with _capture(model) as captured:
+            model.zero_grad(set_to_none=True)
+            window_loss(model, batch).backward()
+        for site in _sites(model):
+            activation, gradient = captured[f"{site}.act"][scored], captured[f"{site}.grad"][scored]
+            centred = activation - activation.mean(dim=0, keepdim=True)
+            contribution = _per_unit(model, site, centred * gradient).abs().sum(dim=0)
+            totals[site] = totals.get(site, 0) + contribution
+        count += int(scored.sum())
+    model.zero_grad(set_to_none=True)
+    return {site: total / max(count, 1) for site, total in totals.items()}
+
+
+def top_units(scores: dict[str, torch.Tensor], fraction: float) -> dict[str, torch.Tensor]:
+    """Boolean masks of the top `fraction` of heads (among heads) and of neurons (among neurons)."""
+    masks = {}
+    for kind in ("heads", "neurons"):
+        sites = [site for site in scores if site.endswith(kind)]
+        flat = torch.cat([scores[site] for site in sites])
+        keep = max(1, int(round(fraction * len(flat))))
+        threshold = torch.topk(flat, keep).values.min()
+        for site in sites:
+            masks[site] = scores[site] >= threshold
+    return masks
+
+
+@dataclass
+class Circuits:
+    """Scores per objective and the partition of modules into the four CURE groups."""
+
+    forget_scores: dict[str, torch.Tensor]
+    retain_scores: dict[str, torch.Tensor]
+    groups: dict[str, dict[str, torch.Tensor]]  # group -> site -> boolean mask over units
+    meta: dict
+
+    def group_sizes(self) -> dict[str, int]:
+        return {group: int(sum(mask.sum() for mask in masks.values())) for group, masks in self.groups.items()}
+
+    def units(self, group: str) -> set[tuple[str, int]]:
+        return {(site, int(i)) for site, mask in self.groups[group].items() for i in torch.nonzero(mask).flatten()}
+
+    def save(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {f"forget/{s}": t for s, t in self.forget_scores.items()}
+        tensors |= {f"retain/{s}": t for s, t in self.retain_scores.items()}
+        tensors |= {f"{g}/{s}": m.to(torch.uint8) for g, masks in self.groups.items() for s, m in masks.items()}
+        save_file({k: v.contiguous() for k, v in tensors.items()}, directory / "circuits.safetensors")
+        (directory / "circuits.json").write_text(json.dumps({**self.meta, "sizes": self.group_sizes()}, indent=2))
+
+    @classmethod
+    def load(cls, directory: Path) -> Circuits:
+        directory = Path(directory)
+        if not (directory / "circuits.json").exists():
+            raise FileNotFoundError(f"{directory}: no circuits here (circuits.json missing)")
+        tensors = load_file(directory / "circuits.safetensors")
+        split: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            prefix, site = key.split("/", 1)
+            split.setdefault(prefix, {})[site] = value if prefix in ("forget", "retain") else value.bool()
+        meta = json.loads((directory / "circuits.json").read_text())
+        meta.pop("sizes", None)
+        return cls(split["forget"], split["retain"], {g: split.get(g, {}) for g in GROUPS}, meta)
+
+
+def extract_circuits(
+    model: LlamaForCausalLM,
+    forget: Windows,
+    retain: Windows,
+    forget_fraction: float,
+    retain_fraction: float,
+    batch_size: int,
+    meta: dict | None = None,
+) -> Circuits:
+    forget_scores = attribution_scores(model, forget, batch_size)
+    retain_scores = attribution_scores(model, retain, batch_size)
+    top_forget, top_retain = top_units(forget_scores, forget_fraction), top_units(retain_scores, retain_fraction)
+    groups = {group: {} for group in GROUPS}
+    for site in forget_scores:
+        f, r = top_forget[site], top_retain[site]
+        groups["forget_specific"][site] = f & ~r
+        groups["retain_specific"][site] = r & ~f
+        groups["shared"][site] = f & r
+        groups["inert"][site] = ~f & ~r
+    info = {
+        "extracted_at": datetime.now(UTC).isoformat(),
+        "forget_fraction": forget_fraction,
+        "retain_fraction": retain_fraction,
+        "forget_positions": int((forget.labels != IGNORE).sum()),
+        "retain_positions": int((retain.labels != IGNORE).sum()),
+        **(meta or {}),
+    }
+    return Circuits(forget_scores, retain_scores, groups, info)
+
+
+def jaccard(first: set, second: set) -> float:
+    return len(first & second) / len(first | second) if first | second else 1.0
+
+
+# --- mean ablation, for faithfulness -------------------------------------------------------------
+
+
+def site_means(model: LlamaForCausalLM, windows: Windows, batch_size: int) -> dict[str, torch.Tensor]:
+    """Mean input activation per site over the scored positions (the value mean ablation writes in)."""
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+    with torch.no_grad(), _capture(model) as captured:
+        for start in range(0, len(windows), batch_size):
+            batch = windows.batch(slice(start, start + batch_size))
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            scored = batch.labels != IGNORE
+            for site in _sites(model):
+                sums[site] = sums.get(site, 0) + captured[f"{site}.act"][scored].sum(0)
+            count += int(scored.sum())
+    return {site: total / max(count, 1) for site, total in sums.items()}
+
+
+@contextmanager
+def mean_ablated(model: LlamaForCausalLM, units: set[tuple[str, int]], means: dict[str, torch.Tensor]):
+    """Replace the chosen heads' slices / neurons' entries by their mean activation."""
+    handles = []
+    for site, module in _sites(model).items():
+        chosen = sorted(index for name, index in units if name == site)
+        if not chosen:
+            continue
+        features = torch.zeros(means[site].shape[0], dtype=torch.bool)
+        if site.endswith("heads"):
+            head_dim = means[site].shape[0] // model.config.num_attention_heads
+            for head in chosen:
+                features[head * head_dim : (head + 1) * head_dim] = True
+        else:
+            features[chosen] = True
+
+        def pre_hook(module, args, features=features, mean=means[site]):
+            activation = args[0].clone()
+            activation[..., features] = mean[features]
+            return (activation, *args[1:])
+
+        handles.append(module.register_forward_pre_hook(pre_hook))
+    try:
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def mean_loss(model: LlamaForCausalLM, windows: Windows, batch_size: int) -> float:
+    total, count = 0.0, 0
+    for start in range(0, len(windows), batch_size):
+        batch = windows.batch(slice(start, start + batch_size))
+        positions = int((batch.labels != IGNORE).sum())
+        total += float(window_loss(model, batch)) * positions
+        count += positions
+    return total / max(count, 1)
+
+
+def faithfulness(
+    model: LlamaForCausalLM,
+    circuits: Circuits,
+    forget: Windows,
+    retain: Windows,
+    batch_size: int,
+    seed: int,
+    random_sets: int = 10,
+) -> dict[str, float]:
+    """Does ablating the forget circuit hurt the forget loss more than a random set of the same size,
+    and the retain loss less than ablating the retain circuit?"""
+    means = site_means(model, retain, batch_size)
+    forget_circuit = circuits.units("forget_specific") | circuits.units("shared")
+    retain_circuit = circuits.units("retain_specific") | circuits.units("shared")
+    everything = sorted(
+        circuits.units("forget_specific")
+        | circuits.units("retain_specific")
+        | circuits.units("shared")
+        | circuits.units("inert")
+    )
+    base_forget, base_retain = mean_loss(model, forget, batch_size), mean_loss(model, retain, batch_size)
+
+    def deltas(units: set) -> tuple[float, float]:
+        with mean_ablated(model, units, means):
+            return mean_loss(model, forget, batch_size) - base_forget, mean_loss(
+                model, retain, batch_size
+            ) - base_retain
+
+    forget_on_forget, forget_on_retain = deltas(forget_circuit)
+    _, retain_on_retain = deltas(retain_circuit)
+    rng = np.random.default_rng(seed)
+    random_forget = []
+    for _ in range(random_sets):
+        picks = rng.choice(len(everything), size=len(forget_circuit), replace=False)
+        random_forget.append(deltas({everything[i] for i in picks})[0])
+    return {
+        "forget_loss_rise_forget_circuit": forget_on_forget,
+        "forget_loss_rise_random_mean": float(np.mean(random_forget)),
+        "ratio_forget_vs_random": forget_on_forget / max(float(np.mean(random_forget)), 1e-9),
+        "retain_loss_rise_forget_circuit": forget_on_retain,
+        "retain_loss_rise_retain_circuit": retain_on_retain,
+        "ratio_retain_forget_vs_retain_circuit": forget_on_retain / max(retain_on_retain, 1e-9),
+    }
