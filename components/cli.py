@@ -179,21 +179,35 @@ def main(argv: list[str] | None = None) -> None:
     sample.add_argument("--users", type=int, default=None, help="how many (default: nightly.sample_users)")
     for step in ("prepare", "train"):
         commands.add_parser(step, help=f"run the {step} step alone")
+    bench = commands.add_parser("bench", help="benchmark every unlearning method against retraining")
+    bench.add_argument("--quick", action="store_true", help="one rate, one seed, few steps")
+    bench.add_argument("--tuning", action="store_true", help="the tuning seed only")
+    bench.add_argument("--out", default="results")
     args = cli.parse_args(argv)
     try:
         if args.command == "nightly":
             sys.exit(nightly(args))
         if args.command == "sample-log":
             sys.exit(sample_log(args))
-        from components import prepare, train
+        from components import bench, prepare, train
 
+        common = [
+            *(["--params", str(args.params)] if args.params else []),
+            *(["--home", str(args.home)] if args.home else []),
+        ]
+        if args.command == "bench":
+            bench.main(
+                [
+                    *common,
+                    "--out",
+                    args.out,
+                    *(["--quick"] if args.quick else []),
+                    *(["--tuning"] if args.tuning else []),
+                ]
+            )
+            return
         step = {"prepare": prepare, "train": train}[args.command]
-        step.main(
-            [
-                *(["--params", str(args.params)] if args.params else []),
-                *(["--home", str(args.home)] if args.home else []),
-            ]
-        )
+        step.main(common)
     except (SettingsError, FileNotFoundError, ValueError, RuntimeError) as error:
         print(f"lethe {args.command}: error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -107,6 +107,24 @@ class CircuitSettings(_Frozen):
     batch_size: int = Field(ge=1)
 
 
+class BenchSettings(_Frozen):
+    methods: tuple[str, ...] = Field(min_length=1)
+    user_rates: tuple[float, ...] = Field(min_length=1)
+    interaction_rate: float = Field(gt=0.0, lt=1.0)
+    interaction_item_share: float = Field(gt=0.0, le=1.0)
+    seeds: tuple[int, ...] = Field(min_length=1)
+    tuning_seed: int
+    floor_rate: float = Field(gt=0.0, lt=1.0)
+    quick_rate: float = Field(gt=0.0, lt=1.0)
+    quick_max_steps: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _tuning_seed_is_not_reported(self) -> BenchSettings:
+        if self.tuning_seed in self.seeds:
+            raise ValueError("bench.tuning_seed must not be one of the reported bench.seeds")
+        return self
+
+
 class GateSettings(_Frozen):
     max_ndcg_drop: float = Field(ge=0.0, lt=1.0)
     min_leakage_auc: float
@@ -136,6 +154,7 @@ class Settings(_Frozen):
     eval: EvalSettings
     unlearn: UnlearnSettings
     circuits: CircuitSettings
+    bench: BenchSettings
     gate: GateSettings
     mlflow: MlflowSettings
     nightly: NightlySettings

@@ -65,3 +65,8 @@ def trained(snapshot, settings):
 @pytest.fixture
 def fresh_model(trained):
     return copy.deepcopy(trained[0])
+
+
+def with_unlearn(settings: Settings, **changes) -> Settings:
+    """The same settings with some `unlearn` values changed."""
+    return settings.model_copy(update={"unlearn": settings.unlearn.model_copy(update=changes)})

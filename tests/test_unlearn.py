@@ -6,6 +6,7 @@ import pytest
 from pipeline.requests import DeletionRequest
 from pipeline.splits import build_split, unlearning_data
 from pipeline.unlearn import METHODS, LeakageProbe, UnlearningMethod, method_named, register, run_unlearning
+from tests.conftest import with_unlearn
 
 
 def forget_users(snapshot, count=5, seed=3):
@@ -37,7 +38,7 @@ def test_gradient_difference_lowers_the_forgotten_users_membership_auc(fresh_mod
 
 
 def test_the_stopping_rule_stops_at_once_inside_the_band(fresh_model, snapshot, settings):
-    wide = settings.model_copy(update={"unlearn": settings.unlearn.model_copy(update={"target_auc_band": (0.0, 1.0)})})
+    wide = with_unlearn(settings, target_auc_band=(0.0, 1.0))
     result = run_unlearning(fresh_model, forget_users(snapshot), wide, progress=False)
     assert result.steps == 0 and "already inside" in result.stopped
 
@@ -47,10 +48,71 @@ def test_same_params_same_unlearned_model(trained, snapshot, settings):
 
     data = forget_users(snapshot)
     first, second = copy.deepcopy(trained[0]), copy.deepcopy(trained[0])
-    short = settings.model_copy(update={"unlearn": settings.unlearn.model_copy(update={"max_steps": 4})})
+    short = with_unlearn(settings, max_steps=4)
     run_unlearning(first, data, short, progress=False)
     run_unlearning(second, data, short, progress=False)
     assert all(
         np.array_equal(a.numpy(), b.numpy())
         for a, b in zip(first.state_dict().values(), second.state_dict().values(), strict=True)
     )
+
+
+@pytest.mark.parametrize("name", ["grad_ascent", "npo", "grad_projection", "cure", "finetune", "ssd"])
+def test_every_method_changes_the_model_through_the_shared_interface(name, trained, snapshot, settings):
+    import copy
+
+    import torch
+
+    model = copy.deepcopy(trained[0])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    short = with_unlearn(settings, method=name, max_steps=6)
+    result = run_unlearning(model, forget_users(snapshot), short, progress=False)
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed or result.best_step == 0, f"{name} changed nothing"
+    assert set(result.aucs) == {"loss", "mink", "minkpp"}
+
+
+def test_cure_touches_only_circuit_units(trained, snapshot, settings):
+    import copy
+
+    import torch
+
+    model = copy.deepcopy(trained[0])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cure = method_named("cure")(model, settings, forget_users(snapshot))
+    optimizer = torch.optim.AdamW(cure.parameters(), lr=1e-2, weight_decay=0.0)  # as the shared loop
+    for _ in range(3):
+        cure.step(cure.forget.batch(slice(0, 8)), cure.retain.batch(slice(0, 8)), optimizer)
+    after = model.state_dict()
+    assert torch.equal(after["model.embed_tokens.weight"], before["model.embed_tokens.weight"])
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    for group, should_move in (("inert", False), ("forget_specific", True), ("retain_specific", True)):
+        for head in torch.nonzero(cure.circuits.groups[group]["layer0.heads"]).flatten().tolist():
+            rows = slice(head * head_dim, (head + 1) * head_dim)
+            moved = not torch.equal(
+                after["model.layers.0.self_attn.q_proj.weight"][rows],
+                before["model.layers.0.self_attn.q_proj.weight"][rows],
+            )
+            assert moved == should_move, f"{group} head {head}"
+        for neuron in torch.nonzero(cure.circuits.groups[group]["layer0.neurons"]).flatten().tolist():
+            moved = not torch.equal(
+                after["model.layers.0.mlp.down_proj.weight"][:, neuron],
+                before["model.layers.0.mlp.down_proj.weight"][:, neuron],
+            )
+            assert moved == should_move, f"{group} neuron {neuron}"
+
+
+def test_retrain_never_sees_the_forgotten_users(trained, snapshot, settings):
+    import copy
+
+    data = forget_users(snapshot)
+    model = copy.deepcopy(trained[0])
+    short = settings.model_copy(
+        update={
+            "unlearn": settings.unlearn.model_copy(update={"method": "retrain"}),
+            "train": settings.train.model_copy(update={"epochs": 2}),
+        }
+    )
+    result = run_unlearning(model, data, short, progress=False)
+    assert result.stopped.startswith("retrained")
+    assert not set(data.forgotten_users) & set(data.retain_sequences)

@@ -1,0 +1,126 @@
+"""Benchmark every unlearning method against retraining on MovieLens; write JSON, Markdown and a Pareto plot."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import mlflow
+
+from components._common import context, entry_point, parser
+from pipeline.bench import (
+    Setting,
+    benchmark_setting,
+    circuit_stability,
+    markdown_table,
+    pareto_plot,
+    retrain_floor,
+    summarise,
+)
+from pipeline.data import load_movielens, prepare_snapshot, read_snapshot, write_snapshot
+from pipeline.model import load_model, model_meta, save_model
+from pipeline.registry import Registry
+from pipeline.train import train_base
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cli = parser("bench", __doc__)
+    cli.add_argument("--quick", action="store_true", help="one rate, one seed, few steps: a smoke run")
+    cli.add_argument(
+        "--tuning",
+        action="store_true",
+        help="the 5%% user setting on bench.tuning_seed only: where hyperparameters are chosen",
+    )
+    cli.add_argument("--out", type=Path, default=Path("results"), help="results folder (default: ./results)")
+    args = cli.parse_args(argv)
+    settings, home = context(args)
+    bench = settings.bench
+    if args.quick:
+        settings = settings.model_copy(
+            update={"unlearn": settings.unlearn.model_copy(update={"max_steps": bench.quick_max_steps})}
+        )
+    single = args.quick or args.tuning
+    grid = [Setting("user", rate) for rate in ([bench.quick_rate] if single else bench.user_rates)]
+    if not single:
+        grid.append(Setting("interactions", bench.interaction_rate, bench.interaction_item_share))
+    seeds = [bench.tuning_seed] if args.tuning else bench.seeds[:1] if args.quick else bench.seeds
+
+    if not (home.snapshot / "manifest.json").exists():
+        write_snapshot(prepare_snapshot(load_movielens(), settings.data, settings.seed), home.snapshot)
+    snapshot = read_snapshot(home.snapshot)
+    if not (home.base_model / "config.json").exists():
+        model, report = train_base(snapshot, settings)
+        save_model(model, home.base_model, model_meta(snapshot, settings, lineage="base"))
+        (home.base_model / "train.json").write_text(json.dumps(report, indent=2))
+    base, _ = load_model(home.base_model)
+
+    Registry(home, settings.mlflow)
+    started, rows, floors = time.perf_counter(), [], []
+    with mlflow.start_run(
+        run_name="benchmark-quick" if args.quick else "benchmark-tuning" if args.tuning else "benchmark"
+    ) as parent:
+        mlflow.log_params(
+            {
+                "methods": ",".join(bench.methods),
+                "seeds": ",".join(map(str, seeds)),
+                "settings": ";".join(f"{s.scope}:{s.deletion_rate}" for s in grid),
+                "quick": args.quick,
+            }
+        )
+        for setting in grid:
+            for seed in seeds:
+                print(f"bench: {setting.scope} {setting.deletion_rate:.2%} seed {seed}", flush=True)
+                batch_rows, extras = benchmark_setting(base, snapshot, settings, setting, seed, bench.methods)
+                for row in batch_rows:
+                    with mlflow.start_run(
+                        run_name=f"{row['method']}-{setting.scope}-{setting.deletion_rate}-{seed}", nested=True
+                    ):
+                        mlflow.log_params({k: row[k] for k in ("method", "scope", "deletion_rate", "seed")})
+                        mlflow.log_metrics(
+                            {
+                                k: float(v)
+                                for k, v in row.items()
+                                if isinstance(v, int | float) and k not in ("deletion_rate", "seed")
+                            }
+                        )
+                    print(
+                        "  " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}),
+                        flush=True,
+                    )
+                rows.extend(batch_rows)
+                if setting.scope == "user" and setting.deletion_rate == bench.floor_rate or single:
+                    floors.append(retrain_floor(base, snapshot, settings, setting, seed, extras["retrained"]))
+        stability = circuit_stability(base, snapshot, settings, seeds if len(seeds) > 1 else [seeds[0], seeds[0] + 1])
+        summary = summarise(rows)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "benchmark.json").write_text(json.dumps(rows, indent=2))
+        (args.out / "benchmark_summary.json").write_text(
+            json.dumps(
+                {
+                    "summary": summary,
+                    "retrain_floor": floors,
+                    "circuit_stability": stability,
+                    "wall_s_total": time.perf_counter() - started,
+                },
+                indent=2,
+            )
+        )
+        table = markdown_table(summary)
+        floor_lines = "\n".join(
+            f"- {json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in f.items()})}" for f in floors
+        )
+        (args.out / "benchmark.md").write_text(
+            f"{table}\n\nRetrain vs retrain (different seeds), the floor no method can beat:\n{floor_lines}\n\n"
+            f"Circuit stability (Jaccard of forget-specific units): {json.dumps(stability)}\n"
+        )
+        pareto_plot(summary, args.out / "pareto.png")
+        for name in ("benchmark.json", "benchmark_summary.json", "benchmark.md", "pareto.png"):
+            mlflow.log_artifact(str(args.out / name))
+        mlflow.log_metric("wall_s_total", time.perf_counter() - started)
+    print(table)
+    return {"rows": len(rows), "out": str(args.out), "run_id": parent.info.run_id}
+
+
+if __name__ == "__main__":
+    entry_point("bench", main)

@@ -1,0 +1,273 @@
+"""The benchmark: every unlearning method against retraining, on the same users and items.
+
+Per (scope, deletion rate, seed): choose the forgotten users, retrain from scratch on the retain set
+(the gold standard), then run every method from the same base model. Comparisons are paired: the same
+retained users' test items for utility, the same forgotten users and non-members for leakage, the same
+prefixes for the divergence to the retrained model.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import numpy as np
+import psutil
+import torch
+from transformers import LlamaForCausalLM
+
+from pipeline.circuits import Circuits, extract_circuits, jaccard
+from pipeline.data import FIRST_ITEM_TOKEN, Snapshot
+from pipeline.evaluate import ndcg_at, rank_users, utility_metrics
+from pipeline.model import IGNORE, make_windows
+from pipeline.requests import DeletionRequest
+from pipeline.settings import Settings
+from pipeline.splits import UnlearningData, build_split, unlearning_data
+from pipeline.unlearn import LeakageProbe, method_named, run_unlearning
+
+log = logging.getLogger(__name__)
+
+ROW_KEYS = (
+    "method", "scope", "deletion_rate", "seed", "ndcg10_retain", "hr10_retain", "ndcg10_forget_train",
+    "mia_auc_loss", "mia_auc_mink", "mia_auc_minkpp", "privleak", "jsd_to_retrain", "wall_s",
+    "speedup_vs_retrain", "peak_mem_mb",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Setting:
+    scope: str  # "user" or "interactions"
+    deletion_rate: float  # share of member users affected
+    item_share: float = 1.0  # for "interactions": share of each affected user's training items
+
+
+def deletion_requests(snapshot: Snapshot, setting: Setting, seed: int) -> list[DeletionRequest]:
+    rng = np.random.default_rng(seed)
+    members = snapshot.members
+    users = rng.choice(members, max(1, round(setting.deletion_rate * len(members))), replace=False)
+    now = datetime.now(UTC)
+    if setting.scope == "user":
+        return [DeletionRequest(request_id=f"b{u}", user_id=int(u), scope="user", received_at=now) for u in users]
+    train = snapshot.interactions[snapshot.interactions.split == "train"]
+    requests = []
+    for user in users:
+        items = train[train.user_id == user].item_id.to_numpy()
+        chosen = rng.choice(items, max(1, round(setting.item_share * len(items))), replace=False)
+        requests.append(
+            DeletionRequest(
+                request_id=f"b{user}",
+                user_id=int(user),
+                scope="interactions",
+                item_ids=sorted(int(i) for i in chosen),
+                received_at=now,
+            )
+        )
+    return requests
+
+
+class PeakMemory:
+    """Peak resident memory of this process while the block runs, sampled every 50 ms."""
+
+    def __enter__(self) -> PeakMemory:
+        self.process, self.peak, self.running = psutil.Process(), 0, True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(0.05)
+
+    def __exit__(self, *exc) -> None:
+        self.running = False
+        self.thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss)
+
+    @property
+    def megabytes(self) -> float:
+        return self.peak / 2**20
+
+
+@torch.no_grad()
+def next_item_distributions(model: LlamaForCausalLM, data: UnlearningData, max_len: int) -> torch.Tensor:
+    """Softmax over items at every forgotten position of the forgotten users (the same prefixes for all)."""
+    windows = make_windows(data.forget_sequences, max_len, data.forget_scored)
+    logits = model(input_ids=windows.input_ids, attention_mask=windows.attention_mask).logits
+    return torch.softmax(logits[windows.labels != IGNORE][:, FIRST_ITEM_TOKEN:].double(), dim=-1)
+
+
+def jensen_shannon(first: torch.Tensor, second: torch.Tensor) -> float:
+    middle = 0.5 * (first + second)
+
+    def kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return (p * (p.clamp_min(1e-300).log() - q.clamp_min(1e-300).log())).sum(-1)
+
+    return float((0.5 * kl(first, middle) + 0.5 * kl(second, middle)).mean() / np.log(2))  # in bits, in [0, 1]
+
+
+def memorisation_ndcg(model: LlamaForCausalLM, data: UnlearningData, max_len: int, batch_size: int) -> float:
+    """NDCG@10 of each forgotten user's last forgotten training item, given what came before it."""
+    histories, targets = {}, {}
+    for user, sequence in data.forget_sequences.items():
+        last = max(i for i, scored in enumerate(data.forget_scored[user]) if scored)
+        if last > 0:
+            histories[user], targets[user] = sequence[:last], sequence[last]
+    if not targets:
+        return float("nan")
+    ranks = np.array(list(rank_users(model, histories, targets, max_len, batch_size).values()))
+    return float(ndcg_at(ranks, 10).mean())
+
+
+def measure(model: LlamaForCausalLM, data: UnlearningData, probe: LeakageProbe, settings: Settings) -> dict:
+    max_len, batch = settings.model.max_len, settings.eval.batch_size
+    users = sorted(data.eval_targets)
+    logits_ranks = rank_users(model, data.eval_histories, data.eval_targets, max_len, batch)
+    utility = utility_metrics(np.array([logits_ranks[u] for u in users]), (10,))
+    aucs = probe.point(model)
+    return {
+        "ndcg10_retain": utility["ndcg10"],
+        "hr10_retain": utility["hr10"],
+        "ndcg10_forget_train": memorisation_ndcg(model, data, max_len, batch),
+        **{f"mia_auc_{attack}": value for attack, value in aucs.items()},
+    }
+
+
+def run_method(
+    name: str, base: LlamaForCausalLM, data: UnlearningData, settings: Settings
+) -> tuple[LlamaForCausalLM, float, float, Circuits | None]:
+    model = copy.deepcopy(base)
+    method_settings = settings.model_copy(update={"unlearn": settings.unlearn.model_copy(update={"method": name})})
+    method_named(name)  # unknown names fail before any work
+    with PeakMemory() as memory:
+        started = time.perf_counter()
+        result = run_unlearning(model, data, method_settings, progress=False)
+        wall = time.perf_counter() - started
+    return model, wall, memory.megabytes, result.circuits
+
+
+def benchmark_setting(
+    base: LlamaForCausalLM, snapshot: Snapshot, settings: Settings, setting: Setting, seed: int, methods: list[str]
+) -> tuple[list[dict], dict]:
+    """All methods on one deletion batch; returns the rows and what the floor and stability need."""
+    data = unlearning_data(snapshot, build_split(snapshot, deletion_requests(snapshot, setting, seed)))
+    probe, max_len = LeakageProbe(data, settings), settings.model.max_len
+    seeded = settings.model_copy(update={"seed": seed})
+    retrained, retrain_wall, retrain_mem, _ = run_method("retrain", base, data, seeded)
+    retrain_figures = measure(retrained, data, probe, settings)
+    retrain_dist = next_item_distributions(retrained, data, max_len)
+    rows, extras = [], {"data": data, "retrained": retrained}
+    for name in methods:
+        if name == "retrain":
+            model, wall, memory, circuits = retrained, retrain_wall, retrain_mem, None
+        else:
+            model, wall, memory, circuits = run_method(name, base, data, seeded)
+        figures = measure(model, data, probe, settings)
+        log.info("%s: %.1fs, ndcg10 %.4f, auc loss %.3f", name, wall, figures["ndcg10_retain"], figures["mia_auc_loss"])
+        if circuits is not None:
+            extras["circuits"] = circuits
+        rows.append({
+            "method": name, "scope": setting.scope, "deletion_rate": setting.deletion_rate, "seed": seed,
+            **figures,
+            "privleak": (figures["mia_auc_loss"] - retrain_figures["mia_auc_loss"]) / retrain_figures["mia_auc_loss"],
+            "jsd_to_retrain": jensen_shannon(next_item_distributions(model, data, max_len), retrain_dist),
+            "wall_s": wall, "speedup_vs_retrain": retrain_wall / wall, "peak_mem_mb": memory,
+            "forgotten_users": len(data.forgotten_users), "eval_users": len(data.eval_targets),
+        })  # fmt: skip
+    return rows, extras
+
+
+def retrain_floor(base, snapshot, settings, setting, seed, first: LlamaForCausalLM) -> dict:
+    """Two retrains that differ only in their seed: the divergence no method can be expected to beat."""
+    data = unlearning_data(snapshot, build_split(snapshot, deletion_requests(snapshot, setting, seed)))
+    other_settings = settings.model_copy(update={"seed": seed + 1000})
+    second, _, _, _ = run_method("retrain", base, data, other_settings)
+    probe = LeakageProbe(data, settings)
+    a, b = probe.point(first), probe.point(second)
+    return {
+        "scope": setting.scope, "deletion_rate": setting.deletion_rate, "seed": seed,
+        "jsd_retrain_vs_retrain": jensen_shannon(next_item_distributions(first, data, settings.model.max_len),
+                                                 next_item_distributions(second, data, settings.model.max_len)),
+        **{f"auc_diff_{attack}": abs(a[attack] - b[attack]) for attack in a},
+    }  # fmt: skip
+
+
+def circuit_stability(base: LlamaForCausalLM, snapshot: Snapshot, settings: Settings, seeds: list[int]) -> dict:
+    """Jaccard of forget-specific sets: one batch across extraction seeds, and two successive batches."""
+    config = settings.circuits
+    setting = Setting("user", 0.05)
+
+    def forget_specific(batch_seed: int, sample_seed: int) -> set:
+        data = unlearning_data(snapshot, build_split(snapshot, deletion_requests(snapshot, setting, batch_seed)))
+        forget = make_windows(data.forget_sequences, settings.model.max_len, data.forget_scored)
+        retain = make_windows(data.retain_sequences, settings.model.max_len)
+        generator = torch.Generator().manual_seed(sample_seed)
+        sample = retain.batch(torch.randint(len(retain), (config.retain_windows,), generator=generator))
+        circuits = extract_circuits(
+            base, forget, sample, config.forget_fraction, config.retain_fraction, config.batch_size
+        )
+        return circuits.units("forget_specific")
+
+    same_batch = [forget_specific(seeds[0], s) for s in seeds]
+    across_seeds = [jaccard(a, b) for i, a in enumerate(same_batch) for b in same_batch[i + 1 :]]
+    successive = jaccard(forget_specific(seeds[0], seeds[0]), forget_specific(seeds[0] + 1, seeds[0]))
+    return {
+        "jaccard_across_retain_samples": float(np.mean(across_seeds)) if across_seeds else 1.0,
+        "jaccard_successive_batches": successive,
+    }
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean, standard deviation and a 95% interval across seeds per (method, scope, rate)."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["method"], row["scope"], row["deletion_rate"]), []).append(row)
+    summary = []
+    for (method, scope, rate), members in groups.items():
+        entry = {"method": method, "scope": scope, "deletion_rate": rate, "seeds": len(members)}
+        for key in ROW_KEYS[4:]:
+            values = np.array([m[key] for m in members], dtype=float)
+            entry[key] = float(values.mean())
+            entry[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        summary.append(entry)
+    return summary
+
+
+def markdown_table(summary: list[dict]) -> str:
+    columns = ["ndcg10_retain", "hr10_retain", "ndcg10_forget_train", "mia_auc_loss", "mia_auc_mink",
+               "mia_auc_minkpp", "privleak", "jsd_to_retrain", "wall_s", "speedup_vs_retrain"]  # fmt: skip
+    head = "| method | scope | rate | " + " | ".join(columns) + " |"
+    lines = [head, "|" + "---|" * (3 + len(columns))]
+    for entry in sorted(summary, key=lambda e: (e["scope"], e["deletion_rate"], e["method"])):
+        cells = [f"{entry[c]:.4f} ± {entry[c + '_std']:.4f}" for c in columns]
+        lines.append(
+            f"| {entry['method']} | {entry['scope']} | {entry['deletion_rate']:.2f} | " + " | ".join(cells) + " |"
+        )
+    return "\n".join(lines)
+
+
+def pareto_plot(summary: list[dict], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for entry in summary:
+        leakage = max(abs(entry[f"mia_auc_{a}"] - 0.5) for a in ("loss", "mink", "minkpp"))
+        axis.scatter(
+            leakage, entry["ndcg10_retain"], label=f"{entry['method']} {entry['scope']} {entry['deletion_rate']:.2f}"
+        )
+        axis.annotate(entry["method"], (leakage, entry["ndcg10_retain"]), fontsize=7)
+    axis.set(
+        xlabel="leakage: max over attacks |MIA AUC - 0.5| (lower is better)",
+        ylabel="NDCG@10 on retained users (higher is better)",
+        title="Forget / retain trade-off",
+    )
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

@@ -1,0 +1,79 @@
+import numpy as np
+import pytest
+import torch
+
+from pipeline.circuits import (
+    GROUPS,
+    Circuits,
+    attribution_scores,
+    extract_circuits,
+    faithfulness,
+    jaccard,
+    mean_ablated,
+    mean_loss,
+    site_means,
+    top_units,
+)
+from pipeline.model import make_windows
+from tests.test_unlearn import forget_users
+
+
+@pytest.fixture(scope="module")
+def windows(snapshot, settings):
+    data = forget_users(snapshot)
+    forget = make_windows(data.forget_sequences, settings.model.max_len, data.forget_scored)
+    retain = make_windows(data.retain_sequences, settings.model.max_len)
+    return forget, retain.batch(slice(0, 128))
+
+
+def test_scores_cover_every_head_and_neuron(trained, windows, settings):
+    model = trained[0]
+    scores = attribution_scores(model, windows[0], batch_size=16)
+    config = model.config
+    assert set(scores) == {f"layer{i}.{kind}" for i in range(config.num_hidden_layers) for kind in ("heads", "neurons")}
+    assert scores["layer0.heads"].shape == (config.num_attention_heads,)
+    assert scores["layer0.neurons"].shape == (config.intermediate_size,)
+    assert all((score >= 0).all() and score.sum() > 0 for score in scores.values())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_scores_do_not_depend_on_batch_size(trained, windows):
+    small = attribution_scores(trained[0], windows[0], batch_size=len(windows[0]))
+    again = attribution_scores(trained[0], windows[0], batch_size=len(windows[0]))
+    assert all(torch.allclose(small[s], again[s]) for s in small)
+
+
+def test_top_units_and_partition(trained, windows, tmp_path):
+    scores = {"layer0.heads": torch.tensor([0.1, 0.9, 0.5, 0.2]), "layer0.neurons": torch.arange(10.0)}
+    masks = top_units(scores, 0.25)
+    assert masks["layer0.heads"].tolist() == [False, True, False, False]
+    assert masks["layer0.neurons"].nonzero().flatten().tolist() == [8, 9]
+
+    forget, retain = windows
+    circuits = extract_circuits(trained[0], forget, retain, 0.2, 0.2, 16, meta={"model_version": "1"})
+    for site in circuits.forget_scores:
+        stacked = torch.stack([circuits.groups[g][site] for g in GROUPS]).int()
+        assert (stacked.sum(0) == 1).all(), "each unit belongs to exactly one group"
+    circuits.save(tmp_path)
+    loaded = Circuits.load(tmp_path)
+    assert loaded.units("shared") == circuits.units("shared") and loaded.meta["model_version"] == "1"
+    assert jaccard(loaded.units("forget_specific"), circuits.units("forget_specific")) == 1.0
+
+
+def test_mean_ablation_changes_only_what_it_should(trained, windows):
+    model, (forget, retain) = trained[0], windows
+    means = site_means(model, retain, 32)
+    base = mean_loss(model, forget, 32)
+    with mean_ablated(model, set(), means):
+        assert mean_loss(model, forget, 32) == pytest.approx(base)
+    with mean_ablated(model, {("layer0.heads", 0), ("layer0.neurons", 3)}, means):
+        assert mean_loss(model, forget, 32) != pytest.approx(base)
+    assert mean_loss(model, forget, 32) == pytest.approx(base), "hooks are removed afterwards"
+
+
+def test_the_forget_circuit_is_faithful(trained, windows, settings):
+    forget, retain = windows
+    circuits = extract_circuits(trained[0], forget, retain, 0.1, 0.1, 16)
+    report = faithfulness(trained[0], circuits, forget, retain, 16, seed=0)
+    assert report["forget_loss_rise_forget_circuit"] > report["forget_loss_rise_random_mean"]
+    assert np.isfinite(report["ratio_retain_forget_vs_retain_circuit"])
