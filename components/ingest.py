@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from components._common import entry_point, parser, write_manifest
-from pipeline.requests import log_files, parse_log
+from pipeline.requests import describe, log_files, parse_log, write_received
 
 REQUESTS_FILE = "requests.jsonl"
 
@@ -18,17 +17,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = cli.parse_args(argv)
     files = log_files(args.deletion_log)
     received, rejected = parse_log(args.deletion_log)
-    args.batch_dir.mkdir(parents=True, exist_ok=True)
-    with (args.batch_dir / REQUESTS_FILE).open("w") as out:
-        for entry in received:
-            out.write(
-                json.dumps(
-                    {"request": entry.request.model_dump(mode="json"), "source": entry.source, "line": entry.line}
-                )
-                + "\n"
-            )
-    for rejection in rejected:
-        print(f"rejected {rejection.source}:{rejection.line}: {rejection.reason}: {rejection.message}")
+    write_received(args.batch_dir / REQUESTS_FILE, received)
+    print("\n".join(describe(rejected)) or "no rejected lines")
     return write_manifest(
         args.batch_dir / "ingest.json",
         {

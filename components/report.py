@@ -8,9 +8,10 @@ from datetime import UTC, datetime
 import mlflow
 
 from components._common import batch_arguments, context, entry_point, parser, write_manifest
-from components.validate import VALID_FILE, read_received
+from components.validate import VALID_FILE
 from pipeline.registry import Registry
 from pipeline.report import plot_unlearning, render_html, summarize
+from pipeline.requests import read_received
 
 STEPS = ("ingest", "validate", "split", "unlearn", "evaluate", "gate")
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from components._common import batch_arguments, context, entry_point, parser, snapshot_dir, write_manifest
-from components.validate import VALID_FILE, read_received
+from components.validate import VALID_FILE
 from pipeline.data import content_hash, read_snapshot
+from pipeline.requests import read_received
 from pipeline.splits import ROLES, build_split, check_split
 
 SPLIT_FILE = "split.parquet"

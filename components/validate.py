@@ -16,14 +16,9 @@ from components._common import (
 )
 from components.ingest import REQUESTS_FILE
 from pipeline.data import read_snapshot
-from pipeline.requests import DeletionRequest, Received, check_against_snapshot
+from pipeline.requests import check_against_snapshot, describe, read_received, write_received
 
 VALID_FILE = "valid.jsonl"
-
-
-def read_received(path: Path) -> list[Received]:
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [Received(DeletionRequest.model_validate(row["request"]), row["source"], row["line"]) for row in rows]
 
 
 def honored_request_ids(honored_log: Path) -> set[str]:
@@ -39,16 +34,8 @@ def main(argv: list[str] | None = None) -> dict:
     snapshot = read_snapshot(snapshot_dir(args, home))
     received = read_received(args.batch_dir / REQUESTS_FILE)
     valid, rejected = check_against_snapshot(received, snapshot, honored_request_ids(home.honored_log))
-    with (args.batch_dir / VALID_FILE).open("w") as out:
-        for entry in valid:
-            out.write(
-                json.dumps(
-                    {"request": entry.request.model_dump(mode="json"), "source": entry.source, "line": entry.line}
-                )
-                + "\n"
-            )
-    for rejection in rejected:
-        print(f"rejected {rejection.source}:{rejection.line}: {rejection.reason}: {rejection.message}")
+    write_received(args.batch_dir / VALID_FILE, valid)
+    print("\n".join(describe(rejected)) or "no rejected requests")
     return write_manifest(
         args.batch_dir / "validate.json",
         {

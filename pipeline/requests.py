@@ -59,6 +59,24 @@ class Received:
     line: int
 
 
+def write_received(path: Path, entries: list[Received]) -> None:
+    """Requests with where they came from, one JSON object per line (the hand-over between steps)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as out:
+        for entry in entries:
+            record = {"request": entry.request.model_dump(mode="json"), "source": entry.source, "line": entry.line}
+            out.write(json.dumps(record) + "\n")
+
+
+def read_received(path: Path) -> list[Received]:
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [Received(DeletionRequest.model_validate(row["request"]), row["source"], row["line"]) for row in rows]
+
+
+def describe(rejections: list[Rejection]) -> list[str]:
+    return [f"rejected {r.source}:{r.line}: {r.reason}: {r.message}" for r in rejections]
+
+
 def log_files(path: Path) -> list[Path]:
     """A log is one .jsonl file or a directory of them (read in name order)."""
     path = Path(path)
