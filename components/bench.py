@@ -9,6 +9,7 @@ from pathlib import Path
 import mlflow
 
 from components._common import context, entry_point, parser
+from components.train import ensure_base_model
 from pipeline.bench import (
     Setting,
     benchmark_setting,
@@ -18,10 +19,9 @@ from pipeline.bench import (
     retrain_floor,
     summarise,
 )
-from pipeline.data import load_movielens, prepare_snapshot, read_snapshot, write_snapshot
-from pipeline.model import load_model, model_meta, save_model
+from pipeline.data import read_snapshot
+from pipeline.model import load_model
 from pipeline.registry import Registry
-from pipeline.train import train_base
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -46,14 +46,8 @@ def main(argv: list[str] | None = None) -> dict:
         grid.append(Setting("interactions", bench.interaction_rate, bench.interaction_item_share))
     seeds = [bench.tuning_seed] if args.tuning else bench.seeds[:1] if args.quick else bench.seeds
 
-    if not (home.snapshot / "manifest.json").exists():
-        write_snapshot(prepare_snapshot(load_movielens(), settings.data, settings.seed), home.snapshot)
+    base, _ = load_model(ensure_base_model(args.params, home))
     snapshot = read_snapshot(home.snapshot)
-    if not (home.base_model / "config.json").exists():
-        model, report = train_base(snapshot, settings)
-        save_model(model, home.base_model, model_meta(snapshot, settings, lineage="base"))
-        (home.base_model / "train.json").write_text(json.dumps(report, indent=2))
-    base, _ = load_model(home.base_model)
 
     Registry(home, settings.mlflow)
     started, rows, floors = time.perf_counter(), [], []

@@ -3,6 +3,7 @@
 lethe nightly [--deletion-log PATH]   bootstrap if needed, run the nightly DAG once, print the summary
 lethe sample-log --out PATH           write a deletion log for a few random members (a demo batch)
 lethe prepare | lethe train           the first two steps on their own
+lethe bench [--quick | --tuning]      every unlearning method against retraining
 """
 
 from __future__ import annotations
@@ -59,19 +60,14 @@ def ensure_champion(settings: Settings, home: Home, params: Path) -> str:
     """Prepare data, train and register the base model when the registry has no champion yet."""
     import mlflow
 
-    from components import prepare, train
+    from components.train import ensure_base_model
     from pipeline.registry import Registry
 
     registry = Registry(home, settings.mlflow)
     existing = registry.champion()
     if existing is not None:
         return existing.version
-    common = ["--params", str(params), "--home", str(home.root)]
-    if not (home.snapshot / "manifest.json").exists():
-        prepare.main(common)
-    if not (home.base_model / "train.json").exists():
-        print("lethe: no champion yet: training the base model", flush=True)
-        train.main(common)
+    ensure_base_model(params, home)
     report = json.loads((home.base_model / "train.json").read_text())
     with mlflow.start_run(run_name="base-model", tags={"lethe.lineage": "base"}):
         mlflow.log_dict(report, "train.json")

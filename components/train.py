@@ -7,6 +7,7 @@ from pathlib import Path
 from components._common import context, entry_point, parser, write_manifest
 from pipeline.data import read_snapshot
 from pipeline.model import model_meta, save_model
+from pipeline.settings import Home
 from pipeline.train import train_base
 
 
@@ -21,6 +22,19 @@ def main(argv: list[str] | None = None) -> dict:
     model, report = train_base(snapshot, settings)
     save_model(model, out, model_meta(snapshot, settings, lineage="base"))
     return write_manifest(out / "train.json", report)
+
+
+def ensure_base_model(params: Path | None, home: Home) -> Path:
+    """The snapshot and the base model under LETHE_HOME, prepared and trained once if missing."""
+    from components import prepare
+
+    common = [*(["--params", str(params)] if params else []), "--home", str(home.root)]
+    if not (home.snapshot / "manifest.json").exists():
+        prepare.main(common)
+    if not (home.base_model / "train.json").exists():
+        print("lethe: no base model yet: training it", flush=True)
+        main(common)
+    return home.base_model
 
 
 if __name__ == "__main__":

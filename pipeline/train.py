@@ -10,12 +10,12 @@ import logging
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM
 
 from pipeline.data import Snapshot
 from pipeline.evaluate import most_popular_scores, ndcg_at, rank_users, ranks_of_targets, utility_metrics
 from pipeline.model import build_model, make_windows, seed_everything, window_loss
+from pipeline.progress import progress as progress_bar
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def fit(
         optimizer, lambda step: min(1.0, (step + 1) / max(1, config.warmup_steps))
     )
     best_ndcg, best_state, history, stale = -1.0, None, [], 0
-    bar = tqdm(range(config.epochs), desc="train", unit="epoch", disable=not progress)
+    bar = progress_bar(range(config.epochs), "train", "epoch", progress)
     for epoch in bar:
         model.train()
         order = torch.randperm(len(windows), generator=generator)
@@ -58,7 +58,7 @@ def fit(
         )
         val_ndcg = float(ndcg_at(ranks, 10).mean())
         history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_ndcg10": val_ndcg})
-        bar.set_postfix(loss=f"{np.mean(losses):.3f}", val_ndcg10=f"{val_ndcg:.4f}")
+        bar.set_postfix(loss=f"{np.mean(losses):.3f}", val_ndcg10=f"{val_ndcg:.4f}", refresh=False)
         if val_ndcg > best_ndcg:
             best_ndcg, best_state, stale = val_ndcg, copy.deepcopy(model.state_dict()), 0
         else:

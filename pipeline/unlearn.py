@@ -17,12 +17,12 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM
 
 from pipeline.circuits import Circuits, extract_circuits
 from pipeline.evaluate import ATTACKS, attack_scores, auc, membership_auc
 from pipeline.model import IGNORE, Windows, build_model, make_windows, position_stats, seed_everything, window_loss
+from pipeline.progress import progress as progress_bar
 from pipeline.settings import Settings
 from pipeline.splits import UnlearningData
 
@@ -192,7 +192,7 @@ class UnlearningMethod:
         if in_band(aucs, config.target_auc_band):
             return UnlearnResult(0, "already inside the target band before any update", 0, aucs, history)
         stopped, step = "max_steps reached", 0
-        bar = tqdm(range(1, config.max_steps + 1), desc=f"unlearn[{self.name}]", unit="step", disable=not progress)
+        bar = progress_bar(range(1, config.max_steps + 1), f"unlearn[{self.name}]", "step", progress)
         for step in bar:
             model.train()
             loss = self.step(
@@ -207,7 +207,7 @@ class UnlearningMethod:
                 continue
             aucs = probe.point(model)
             history.append({"step": step, "loss": loss, **{f"auc_{a}": v for a, v in aucs.items()}})
-            bar.set_postfix(loss=f"{loss:.3f}", worst_auc_gap=f"{worst_deviation(aucs):.3f}")
+            bar.set_postfix(loss=f"{loss:.3f}", worst_auc_gap=f"{worst_deviation(aucs):.3f}", refresh=False)
             if worst_deviation(aucs) < best[0]:
                 best = (worst_deviation(aucs), step, aucs, copy.deepcopy(model.state_dict()))
             if in_band(aucs, config.target_auc_band):
