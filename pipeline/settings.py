@@ -100,11 +100,19 @@ class UnlearnSettings(_Frozen):
         return self
 
 
+class DriftSettings(_Frozen):
+    max_popularity_jsd: float = Field(ge=0.0, le=1.0)
+    max_unseen_item_share: float = Field(ge=0.0, le=1.0)
+    max_activity_psi: float = Field(ge=0.0)
+    max_forgotten_member_share: float = Field(ge=0.0, le=1.0)
+
+
 class CircuitSettings(_Frozen):
     forget_fraction: float = Field(gt=0.0, le=1.0)
     retain_fraction: float = Field(gt=0.0, le=1.0)
     retain_windows: int = Field(ge=1)
     batch_size: int = Field(ge=1)
+    drift: DriftSettings
 
 
 class BenchSettings(_Frozen):
