@@ -37,8 +37,9 @@ def main(argv: list[str] | None = None) -> dict:
             mlflow.log_metrics({f"{stage}.mia_auc.{a}": e["value"] for a, e in figures["mia_auc"].items()})
         for row in unlearned["history"]:
             mlflow.log_metrics({k: v for k, v in row.items() if k.startswith("auc_")}, step=row["step"])
-        for name in ("ingest", "validate", "split", "unlearn", "evaluate"):
-            mlflow.log_artifact(str(args.batch_dir / f"{name}.json"), artifact_path="manifests")
+        for name in ("ingest", "validate", "split", "drift", "extract_circuits", "unlearn", "evaluate"):
+            if (args.batch_dir / f"{name}.json").exists():
+                mlflow.log_artifact(str(args.batch_dir / f"{name}.json"), artifact_path="manifests")
         model_uri = registry.log_recommender(args.batch_dir / CANDIDATE_DIR)
         figures = {
             "ndcg10": f"{after['ndcg10']:.5f}",

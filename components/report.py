@@ -13,7 +13,7 @@ from pipeline.registry import Registry
 from pipeline.report import plot_unlearning, render_html, summarize
 from pipeline.requests import read_received
 
-STEPS = ("ingest", "validate", "split", "unlearn", "evaluate", "gate")
+STEPS = ("ingest", "validate", "split", "drift", "extract_circuits", "unlearn", "evaluate", "gate")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -13,10 +13,11 @@ import pandas as pd
 
 from components._common import batch_arguments, context, entry_point, parser, snapshot_dir, write_manifest
 from components.split import SPLIT_FILE
+from pipeline.circuits import Circuits
 from pipeline.data import read_snapshot
 from pipeline.model import load_model, save_model
 from pipeline.splits import unlearning_data
-from pipeline.unlearn import run_unlearning
+from pipeline.unlearn import method_named, run_unlearning
 
 CHAMPION_DIR = "champion"
 CANDIDATE_DIR = "candidate"
@@ -49,8 +50,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     model, meta = load_model(start_dir)
     data = unlearning_data(snapshot, pd.read_parquet(args.batch_dir / SPLIT_FILE))
+    circuits = None
+    if method_named(settings.unlearn.method).needs_circuits and (home.circuits / "circuits.json").exists():
+        circuits = Circuits.load(home.circuits)
     started = time.perf_counter()
-    result = run_unlearning(model, data, settings)
+    result = run_unlearning(model, data, settings, circuits=circuits)
     save_model(
         model,
         args.batch_dir / CANDIDATE_DIR,
@@ -64,6 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.batch_dir / "unlearn.json",
         {
             "method": settings.unlearn.method,
+            "circuits": circuits.meta if circuits is not None else None,
             "champion_version": champion_version,
             "steps": result.steps,
             "stopped": result.stopped,

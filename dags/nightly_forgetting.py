@@ -87,7 +87,20 @@ def nightly_forgetting():
     def split(validated: dict) -> dict:
         return run_component("split")
 
+    @task.branch
+    def drift(split_manifest: dict) -> str:
+        """Circuits are re-extracted only when today's retain data has drifted, or none exist."""
+        return "extract_circuits" if run_component("drift")["extract"] else "reuse_circuits"
+
     @task
+    def extract_circuits() -> dict:
+        return run_component("extract_circuits")
+
+    @task
+    def reuse_circuits() -> None:
+        print("the data has not drifted past the thresholds: reusing the cached circuits")
+
+    @task(trigger_rule="none_failed_min_one_success")
     def unlearn(split_manifest: dict) -> dict:
         return run_component("unlearn", "--model", "champion")
 
@@ -106,7 +119,9 @@ def nightly_forgetting():
     validated = validate(ingest())
     split_manifest = split(validated)
     has_new_requests(validated) >> split_manifest
-    gate(evaluate(unlearn(split_manifest))) >> report()
+    unlearned = unlearn(split_manifest)
+    drift(split_manifest) >> [extract_circuits(), reuse_circuits()] >> unlearned
+    gate(evaluate(unlearned)) >> report()
 
 
 dag_object = nightly_forgetting()

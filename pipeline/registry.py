@@ -94,5 +94,18 @@ class Registry:
         for key, value in tags.items():
             self.client.set_model_version_tag(self.model_name, version, key, value)
 
+    def lineage_root(self, version: str) -> str:
+        """The base version a model descends from, following `lethe.parent_version` tags."""
+        seen: set[str] = set()
+        version = str(version)
+        while version not in seen:
+            seen.add(version)
+            tags = self.client.get_model_version(self.model_name, version).tags
+            parent = tags.get("lethe.parent_version")
+            if tags.get("lethe.lineage") == "base" or parent in (None, "", "None"):
+                return version
+            version = parent
+        return version
+
     def promote(self, version: str) -> None:
         self.client.set_registered_model_alias(self.model_name, CHAMPION, version)

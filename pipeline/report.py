@@ -30,6 +30,8 @@ def summarize(batch_id: str, manifests: dict[str, dict]) -> dict:
         "gate_reasons": gate["reasons"] if gate else ["no new valid requests: nothing to unlearn"],
         "model_version": gate["model_version"] if gate else None,
         "mlflow_run_id": gate["run_id"] if gate else None,
+        "circuits": None if "drift" not in manifests else "extracted" if manifests["drift"]["extract"] else "reused",
+        "drift": manifests.get("drift", {}).get("figures"),
         "unlearn_method": unlearn.get("method"),
         "unlearn_steps": unlearn.get("steps"),
         "unlearn_stopped": unlearn.get("stopped"),

@@ -215,6 +215,11 @@ class Home:
         return self.root / "batches"
 
     @cached_property
+    def circuits(self) -> Path:
+        """The cached circuits of the champion's lineage, reused until the data drifts."""
+        return self.root / "circuits" / "current"
+
+    @cached_property
     def airflow(self) -> Path:
         return self.root / "airflow"
 

@@ -35,12 +35,14 @@ def test_steps_run_in_order(dag):
     assert downstream("ingest") == ["validate"]
     assert downstream("validate") == ["has_new_requests", "split"]
     assert downstream("has_new_requests") == ["split"]
-    assert [downstream(t) for t in ("split", "unlearn", "evaluate", "gate")] == [
-        ["unlearn"],
-        ["evaluate"],
-        ["gate"],
-        ["report"],
-    ]
+    assert downstream("split") == ["drift", "unlearn"]
+    assert downstream("drift") == ["extract_circuits", "reuse_circuits"]
+    assert downstream("extract_circuits") == downstream("reuse_circuits") == ["unlearn"]
+    assert [downstream(t) for t in ("unlearn", "evaluate", "gate")] == [["evaluate"], ["gate"], ["report"]]
+
+
+def test_unlearn_joins_the_circuit_branch(dag):
+    assert dag.get_task("unlearn").trigger_rule == "none_failed_min_one_success"
 
 
 def test_report_runs_after_a_short_circuit_but_not_after_a_failure(dag):

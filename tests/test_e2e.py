@@ -113,6 +113,15 @@ def test_the_batch_run_carries_the_evidence(workspace):
     assert "manifests/split.json" in manifests
 
 
+def test_the_first_batch_extracts_circuits_for_the_champion_lineage(workspace):
+    home = workspace["home"]
+    drift = json.loads((home / "batches" / "first" / "drift.json").read_text())
+    assert drift["extract"] and "no circuits" in drift["reasons"][0] and drift["lineage_root"] == "1"
+    cached = json.loads((home / "circuits" / "current" / "circuits.json").read_text())
+    assert cached["lineage_root"] == "1" and cached["model_version"] == "1"
+    assert sum(cached["sizes"].values()) > 0
+
+
 def test_the_champion_serves_recommendations_without_seen_items(workspace):
     model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
     snapshot = read_snapshot(workspace["home"] / "data" / "snapshot")
@@ -126,11 +135,32 @@ def test_the_champion_serves_recommendations_without_seen_items(workspace):
 def test_a_log_with_no_valid_request_short_circuits_and_says_so(workspace):
     log = workspace["root"] / "bad-only.jsonl"
     log.write_text('{"not json\n')
+    client = mlflow.MlflowClient()
+    versions_before = len(client.search_model_versions(f"name='{MODEL}'"))
     run = lethe(workspace["home"], workspace["params"], "nightly", "--deletion-log", str(log), "--batch-id", "empty")
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads((workspace["home"] / "batches" / "empty" / "summary.json").read_text())
     assert summary["gate"] == "skipped" and summary["model_version"] is None
     assert summary["requests_rejected"] == 1
     assert "no new valid requests" in run.stdout
-    versions = mlflow.MlflowClient().search_model_versions(f"name='{MODEL}'")
-    assert len(versions) == 2
+    assert len(client.search_model_versions(f"name='{MODEL}'")) == versions_before
+
+
+def test_a_small_next_batch_reuses_the_cached_circuits(workspace):
+    home = workspace["home"]
+    snapshot = read_snapshot(home / "data" / "snapshot")
+    first = {json.loads(line)["user_id"] for line in (workspace["root"] / "sample.jsonl").read_text().splitlines()}
+    user = next(int(u) for u in snapshot.members if int(u) not in first)
+    log = workspace["root"] / "next.jsonl"
+    log.write_text(
+        json.dumps({"request_id": "next-1", "user_id": user, "scope": "user", "received_at": "2026-11-22T00:00:00Z"})
+        + "\n"
+    )
+    run = lethe(home, workspace["params"], "nightly", "--deletion-log", str(log), "--batch-id", "second")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    drift = json.loads((home / "batches" / "second" / "drift.json").read_text())
+    assert drift["extract"] is False, drift
+    assert drift["figures"]["popularity_jsd"] < 0.01
+    assert not (home / "batches" / "second" / "extract_circuits.json").exists()
+    summary = json.loads((home / "batches" / "second" / "summary.json").read_text())
+    assert summary["requests_total"] == 1 and summary["circuits"] == "reused"

@@ -1,0 +1,58 @@
+"""Extract the champion's circuits for this batch's forget objective and a retain sample; cache them."""
+
+from __future__ import annotations
+
+import shutil
+
+import pandas as pd
+import torch
+
+from components._common import (
+    batch_arguments,
+    context,
+    entry_point,
+    parser,
+    read_manifest,
+    snapshot_dir,
+    write_manifest,
+)
+from components.drift import PROFILE_FILE
+from components.split import SPLIT_FILE
+from components.unlearn import CHAMPION_DIR
+from pipeline.circuits import extract_circuits
+from pipeline.data import read_snapshot
+from pipeline.model import load_model, make_windows
+from pipeline.registry import Registry
+from pipeline.splits import unlearning_data
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = batch_arguments(parser("extract_circuits", __doc__)).parse_args(argv)
+    settings, home = context(args)
+    drift = read_manifest(args.batch_dir / "drift.json")
+    snapshot = read_snapshot(snapshot_dir(args, home))
+    data = unlearning_data(snapshot, pd.read_parquet(args.batch_dir / SPLIT_FILE))
+    registry = Registry(home, settings.mlflow)
+    champion = registry.champion()
+    model, _ = load_model(registry.download_model_dir(champion.version, args.batch_dir / CHAMPION_DIR))
+    config, max_len = settings.circuits, settings.model.max_len
+    forget = make_windows(data.forget_sequences, max_len, data.forget_scored)
+    retain = make_windows(data.retain_sequences, max_len)
+    generator = torch.Generator().manual_seed(settings.seed)
+    sample = retain.batch(torch.randint(len(retain), (config.retain_windows,), generator=generator))
+    circuits = extract_circuits(
+        model, forget, sample, config.forget_fraction, config.retain_fraction, config.batch_size,
+        meta={"model_version": str(champion.version), "lineage_root": drift["lineage_root"],
+              "snapshot_hash": snapshot.manifest["content_hash"], "params": config.model_dump()},
+    )  # fmt: skip
+    shutil.rmtree(home.circuits, ignore_errors=True)
+    circuits.save(home.circuits)
+    shutil.copy(args.batch_dir / PROFILE_FILE, home.circuits / PROFILE_FILE)
+    return write_manifest(args.batch_dir / "extract_circuits.json", {
+        "circuits": str(home.circuits), "model_version": str(champion.version), "sizes": circuits.group_sizes(),
+        "reasons": drift["reasons"],
+    })  # fmt: skip
+
+
+if __name__ == "__main__":
+    entry_point("extract_circuits", main)
