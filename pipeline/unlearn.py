@@ -140,6 +140,7 @@ class UnlearningMethod:
 
     name: ClassVar[str]
     needs_circuits: ClassVar[bool] = False
+    needs_reference: ClassVar[bool] = False  # keep a frozen copy of the model before unlearning
 
     def __init__(
         self, model: LlamaForCausalLM, settings: Settings, data: UnlearningData, circuits: Circuits | None = None
@@ -151,7 +152,7 @@ class UnlearningMethod:
         self.forget = make_windows(data.forget_sequences, max_len, data.forget_scored)
         self.retain = make_windows(data.retain_sequences, max_len)
         self.reference = None
-        if self.settings.retain_loss == "kl" or self.name == "npo":
+        if self.settings.retain_loss == "kl" or self.needs_reference:
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
 
     # -- the pieces a method combines -------------------------------------------------------------
@@ -249,6 +250,8 @@ class RetainFinetune(UnlearningMethod):
 @register("npo")
 class NegativePreferenceOptimization(UnlearningMethod):
     """NPO: a bounded forget loss, -2/beta log sigmoid(-beta log(p/p_old)), plus the retain term."""
+
+    needs_reference = True
 
     def loss(self, forget: Windows, retain: Windows) -> torch.Tensor:
         beta = self.settings.npo_beta
