@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 
 import pandas as pd
-import torch
 
 from components._common import (
     batch_arguments,
@@ -19,7 +18,7 @@ from components._common import (
 from components.drift import PROFILE_FILE
 from components.split import SPLIT_FILE
 from components.unlearn import CHAMPION_DIR
-from pipeline.circuits import extract_circuits
+from pipeline.circuits import circuits_for
 from pipeline.data import read_snapshot
 from pipeline.model import load_model, make_windows
 from pipeline.registry import Registry
@@ -38,10 +37,8 @@ def main(argv: list[str] | None = None) -> dict:
     config, max_len = settings.circuits, settings.model.max_len
     forget = make_windows(data.forget_sequences, max_len, data.forget_scored)
     retain = make_windows(data.retain_sequences, max_len)
-    generator = torch.Generator().manual_seed(settings.seed)
-    sample = retain.batch(torch.randint(len(retain), (config.retain_windows,), generator=generator))
-    circuits = extract_circuits(
-        model, forget, sample, config.forget_fraction, config.retain_fraction, config.batch_size,
+    circuits = circuits_for(
+        model, forget, retain, config, settings.seed,
         meta={"model_version": str(champion.version), "lineage_root": drift["lineage_root"],
               "snapshot_hash": snapshot.manifest["content_hash"], "params": config.model_dump()},
     )  # fmt: skip

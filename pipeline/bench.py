@@ -20,7 +20,7 @@ import psutil
 import torch
 from transformers import LlamaForCausalLM
 
-from pipeline.circuits import Circuits, extract_circuits, jaccard
+from pipeline.circuits import Circuits, circuits_for, jaccard
 from pipeline.data import FIRST_ITEM_TOKEN, Snapshot
 from pipeline.evaluate import ndcg_at, rank_users, utility_metrics
 from pipeline.model import IGNORE, make_windows
@@ -205,11 +205,7 @@ def circuit_stability(base: LlamaForCausalLM, snapshot: Snapshot, settings: Sett
         data = unlearning_data(snapshot, build_split(snapshot, deletion_requests(snapshot, setting, batch_seed)))
         forget = make_windows(data.forget_sequences, settings.model.max_len, data.forget_scored)
         retain = make_windows(data.retain_sequences, settings.model.max_len)
-        generator = torch.Generator().manual_seed(sample_seed)
-        sample = retain.batch(torch.randint(len(retain), (config.retain_windows,), generator=generator))
-        circuits = extract_circuits(
-            base, forget, sample, config.forget_fraction, config.retain_fraction, config.batch_size
-        )
+        circuits = circuits_for(base, forget, retain, config, sample_seed)
         return circuits.units("forget_specific")
 
     same_batch = [forget_specific(seeds[0], s) for s in seeds]

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
 from pipeline.model import IGNORE, Windows, window_loss
+from pipeline.settings import CircuitSettings
 
 GROUPS = ("forget_specific", "retain_specific", "shared", "inert")
 
@@ -172,6 +173,22 @@ def extract_circuits(
         **(meta or {}),
     }
     return Circuits(forget_scores, retain_scores, groups, info)
+
+
+def circuits_for(
+    model: LlamaForCausalLM,
+    forget: Windows,
+    retain: Windows,
+    settings: CircuitSettings,
+    seed: int,
+    meta: dict | None = None,
+) -> Circuits:
+    """Extract with params.yaml's fractions on a seeded sample of the retain windows: same inputs, same circuits."""
+    generator = torch.Generator().manual_seed(seed)
+    sample = retain.batch(torch.randint(len(retain), (settings.retain_windows,), generator=generator))
+    return extract_circuits(
+        model, forget, sample, settings.forget_fraction, settings.retain_fraction, settings.batch_size, meta
+    )
 
 
 def jaccard(first: set, second: set) -> float:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from transformers import LlamaForCausalLM
 
-from pipeline.circuits import Circuits, extract_circuits
+from pipeline.circuits import Circuits, circuits_for
 from pipeline.evaluate import ATTACKS, attack_scores, auc, membership_auc
 from pipeline.model import IGNORE, Windows, build_model, make_windows, position_stats, seed_everything, window_loss
 from pipeline.progress import progress as progress_bar
@@ -315,15 +315,7 @@ class CircuitAwareUnlearning(GradientProjection):
     def __init__(self, model, settings, data, circuits=None) -> None:
         super().__init__(model, settings, data, circuits)
         if self.circuits is None:
-            config = settings.circuits
-            self.circuits = extract_circuits(
-                model,
-                self.forget,
-                _sample(self.retain, config.retain_windows, self.generator),
-                config.forget_fraction,
-                config.retain_fraction,
-                config.batch_size,
-            )
+            self.circuits = circuits_for(model, self.forget, self.retain, settings.circuits, settings.seed)
         self._masks = parameter_masks(model, self.circuits)
         self._trainable = [name for name, _ in model.named_parameters() if name in self._masks["any"]]
 
