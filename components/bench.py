@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
                     )
                 rows.extend(batch_rows)
                 if setting.scope == "user" and setting.deletion_rate == bench.floor_rate or single:
-                    floors.append(retrain_floor(base, snapshot, settings, setting, seed, extras["retrained"]))
+                    floors.append(retrain_floor(base, extras["data"], settings, setting, seed, extras["retrained"]))
         stability = circuit_stability(base, snapshot, settings, seeds if len(seeds) > 1 else [seeds[0], seeds[0] + 1])
         summary = summarise(rows)
         args.out.mkdir(parents=True, exist_ok=True)

@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import json
 
-import pandas as pd
-
-from components._common import batch_arguments, context, entry_point, parser, snapshot_dir, write_manifest
-from components.split import SPLIT_FILE
-from pipeline.data import read_snapshot
+from components._common import batch_arguments, context, entry_point, parser, write_manifest
+from components.split import batch_data
 from pipeline.drift import compare, profile
 from pipeline.registry import Registry
-from pipeline.splits import unlearning_data
 
 PROFILE_FILE = "profile.json"
 
@@ -19,8 +15,7 @@ PROFILE_FILE = "profile.json"
 def main(argv: list[str] | None = None) -> dict:
     args = batch_arguments(parser("drift", __doc__)).parse_args(argv)
     settings, home = context(args)
-    snapshot = read_snapshot(snapshot_dir(args, home))
-    data = unlearning_data(snapshot, pd.read_parquet(args.batch_dir / SPLIT_FILE))
+    _, data = batch_data(args, home)
     registry = Registry(home, settings.mlflow)
     champion = registry.champion()
     if champion is None:

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 
-from components._common import batch_arguments, context, entry_point, parser, snapshot_dir, write_manifest
-from components.split import SPLIT_FILE
+from components._common import batch_arguments, context, entry_point, parser, write_manifest
+from components.split import batch_data
 from components.unlearn import CANDIDATE_DIR, CHAMPION_DIR
-from pipeline.data import read_snapshot
 from pipeline.evaluate import bootstrap_mean, ndcg_at, rank_users, utility_metrics
 from pipeline.model import load_model
 from pipeline.settings import Settings
-from pipeline.splits import UnlearningData, unlearning_data
+from pipeline.splits import UnlearningData
 from pipeline.unlearn import LeakageProbe
 
 
@@ -34,8 +32,7 @@ def measure(model, data: UnlearningData, probe: LeakageProbe, settings: Settings
 def main(argv: list[str] | None = None) -> dict:
     args = batch_arguments(parser("evaluate", __doc__)).parse_args(argv)
     settings, home = context(args)
-    snapshot = read_snapshot(snapshot_dir(args, home))
-    data = unlearning_data(snapshot, pd.read_parquet(args.batch_dir / SPLIT_FILE))
+    _, data = batch_data(args, home)
     probe = LeakageProbe(data, settings)
     before, _ = load_model(args.batch_dir / CHAMPION_DIR)
     after, _ = load_model(args.batch_dir / CANDIDATE_DIR)

@@ -4,33 +4,27 @@ from __future__ import annotations
 
 import shutil
 
-import pandas as pd
-
 from components._common import (
     batch_arguments,
     context,
     entry_point,
     parser,
     read_manifest,
-    snapshot_dir,
     write_manifest,
 )
 from components.drift import PROFILE_FILE
-from components.split import SPLIT_FILE
+from components.split import batch_data
 from components.unlearn import CHAMPION_DIR
 from pipeline.circuits import circuits_for
-from pipeline.data import read_snapshot
 from pipeline.model import load_model, make_windows
 from pipeline.registry import Registry
-from pipeline.splits import unlearning_data
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = batch_arguments(parser("extract_circuits", __doc__)).parse_args(argv)
     settings, home = context(args)
     drift = read_manifest(args.batch_dir / "drift.json")
-    snapshot = read_snapshot(snapshot_dir(args, home))
-    data = unlearning_data(snapshot, pd.read_parquet(args.batch_dir / SPLIT_FILE))
+    snapshot, data = batch_data(args, home)
     registry = Registry(home, settings.mlflow)
     champion = registry.champion()
     model, _ = load_model(registry.download_model_dir(champion.version, args.batch_dir / CHAMPION_DIR))

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import argparse
+
+import pandas as pd
+
 from components._common import batch_arguments, context, entry_point, parser, snapshot_dir, write_manifest
 from components.validate import VALID_FILE
-from pipeline.data import content_hash, read_snapshot
+from pipeline.data import Snapshot, content_hash, read_snapshot
 from pipeline.requests import read_received
-from pipeline.splits import ROLES, build_split, check_split
+from pipeline.settings import Home
+from pipeline.splits import ROLES, UnlearningData, build_split, check_split, unlearning_data
 
 SPLIT_FILE = "split.parquet"
+
+
+def batch_data(args: argparse.Namespace, home: Home) -> tuple[Snapshot, UnlearningData]:
+    """The snapshot and this batch's forget / retain / reference sequences, as every later step reads them."""
+    snapshot = read_snapshot(snapshot_dir(args, home))
+    return snapshot, unlearning_data(snapshot, pd.read_parquet(args.batch_dir / SPLIT_FILE))
 
 
 def main(argv: list[str] | None = None) -> dict:

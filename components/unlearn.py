@@ -9,14 +9,10 @@ import shutil
 import time
 from pathlib import Path
 
-import pandas as pd
-
-from components._common import batch_arguments, context, entry_point, parser, snapshot_dir, write_manifest
-from components.split import SPLIT_FILE
+from components._common import batch_arguments, context, entry_point, parser, write_manifest
+from components.split import batch_data
 from pipeline.circuits import Circuits
-from pipeline.data import read_snapshot
 from pipeline.model import load_model, save_model
-from pipeline.splits import unlearning_data
 from pipeline.unlearn import method_named, run_unlearning
 
 CHAMPION_DIR = "champion"
@@ -30,7 +26,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     args = cli.parse_args(argv)
     settings, home = context(args)
-    snapshot = read_snapshot(snapshot_dir(args, home))
+    snapshot, data = batch_data(args, home)
     start_dir, champion_version = args.batch_dir / CHAMPION_DIR, None
     if args.model == "champion":
         from pipeline.registry import Registry
@@ -49,7 +45,6 @@ def main(argv: list[str] | None = None) -> dict:
         shutil.copytree(args.model, start_dir)
 
     model, meta = load_model(start_dir)
-    data = unlearning_data(snapshot, pd.read_parquet(args.batch_dir / SPLIT_FILE))
     circuits = None
     if method_named(settings.unlearn.method).needs_circuits and (home.circuits / "circuits.json").exists():
         circuits = Circuits.load(home.circuits)

@@ -27,7 +27,7 @@ from pipeline.model import IGNORE, make_windows
 from pipeline.requests import DeletionRequest
 from pipeline.settings import Settings
 from pipeline.splits import UnlearningData, build_split, unlearning_data
-from pipeline.unlearn import LeakageProbe, method_named, run_unlearning
+from pipeline.unlearn import LeakageProbe, run_unlearning
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,6 @@ def run_method(
 ) -> tuple[LlamaForCausalLM, float, float, Circuits | None]:
     model = copy.deepcopy(base)
     method_settings = settings.model_copy(update={"unlearn": settings.unlearn.model_copy(update={"method": name})})
-    method_named(name)  # unknown names fail before any work
     with PeakMemory() as memory:
         started = time.perf_counter()
         result = run_unlearning(model, data, method_settings, progress=False)
@@ -181,9 +180,15 @@ def benchmark_setting(
     return rows, extras
 
 
-def retrain_floor(base, snapshot, settings, setting, seed, first: LlamaForCausalLM) -> dict:
-    """Two retrains that differ only in their seed: the divergence no method can be expected to beat."""
-    data = unlearning_data(snapshot, build_split(snapshot, deletion_requests(snapshot, setting, seed)))
+def retrain_floor(
+    base: LlamaForCausalLM,
+    data: UnlearningData,
+    settings: Settings,
+    setting: Setting,
+    seed: int,
+    first: LlamaForCausalLM,
+) -> dict:
+    """Two retrains of the same batch that differ only in their seed: the divergence no method can beat."""
     other_settings = settings.model_copy(update={"seed": seed + 1000})
     second, _, _, _ = run_method("retrain", base, data, other_settings)
     probe = LeakageProbe(data, settings)

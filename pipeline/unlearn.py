@@ -317,7 +317,7 @@ class CircuitAwareUnlearning(GradientProjection):
         if self.circuits is None:
             self.circuits = circuits_for(model, self.forget, self.retain, settings.circuits, settings.seed)
         self._masks = parameter_masks(model, self.circuits)
-        self._trainable = [name for name, _ in model.named_parameters() if name in self._masks["any"]]
+        self._trainable = [name for name, _ in model.named_parameters() if name in self._masks["shared"]]
 
     def parameters(self) -> list[torch.nn.Parameter]:
         named = dict(self.model.named_parameters())
@@ -336,7 +336,10 @@ class CircuitAwareUnlearning(GradientProjection):
 
 
 def parameter_masks(model: LlamaForCausalLM, circuits: Circuits) -> dict[str, dict[str, torch.Tensor]]:
-    """Per group, a 0/1 mask over each parameter tensor that a head or neuron of that group owns."""
+    """Per group, a 0/1 mask over each parameter tensor that a head or neuron of that group owns.
+
+    Every group holds the same parameter names (the q/k/v/o and gate/up/down weights of every layer).
+    """
     config = model.config
     head_dim = config.hidden_size // config.num_attention_heads
     masks: dict[str, dict[str, torch.Tensor]] = {g: {} for g in ("forget_specific", "shared", "retain_specific")}
@@ -365,7 +368,6 @@ def parameter_masks(model: LlamaForCausalLM, circuits: Circuits) -> dict[str, di
     for group in masks:
         for name in names:
             masks[group][name] = torch.as_tensor(masks[group].get(name, torch.zeros_like(params[name]))).clone()
-    masks["any"] = {name: None for name in names}
     return masks
 
 
