@@ -138,6 +138,16 @@ def window_loss(model: LlamaForCausalLM, windows: Windows) -> torch.Tensor:
     )
 
 
+def window_nll(model: LlamaForCausalLM, windows: Windows) -> torch.Tensor:
+    """Per window: mean next-item cross-entropy over its scored positions, shape (n,)."""
+    logits = model(input_ids=windows.input_ids, attention_mask=windows.attention_mask).logits
+    scored = windows.labels != IGNORE
+    losses = torch.nn.functional.cross_entropy(
+        logits.transpose(1, 2), windows.labels, ignore_index=IGNORE, reduction="none"
+    )
+    return (losses * scored).sum(1) / scored.sum(1).clamp_min(1)
+
+
 @torch.no_grad()
 def next_item_logits(
     model: LlamaForCausalLM, histories: list[list[int]], max_len: int, batch_size: int

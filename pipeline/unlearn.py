@@ -21,7 +21,16 @@ from transformers import LlamaForCausalLM
 
 from pipeline.circuits import Circuits, circuits_for
 from pipeline.evaluate import ATTACKS, attack_scores, auc, membership_auc
-from pipeline.model import IGNORE, Windows, build_model, make_windows, position_stats, seed_everything, window_loss
+from pipeline.model import (
+    IGNORE,
+    Windows,
+    build_model,
+    make_windows,
+    position_stats,
+    seed_everything,
+    window_loss,
+    window_nll,
+)
 from pipeline.progress import progress as progress_bar
 from pipeline.settings import Settings
 from pipeline.splits import UnlearningData
@@ -47,17 +56,6 @@ def method_named(name: str) -> type[UnlearningMethod]:
         return METHODS[name]
     except KeyError:
         raise ValueError(f"unknown unlearning method {name!r}; known: {sorted(METHODS)}") from None
-
-
-def kl_to_reference(model: LlamaForCausalLM, reference: LlamaForCausalLM, windows: Windows) -> torch.Tensor:
-    """Mean KL(reference || model) of the next-item distributions at the scored positions."""
-    scored = windows.labels != IGNORE
-    logits = model(input_ids=windows.input_ids, attention_mask=windows.attention_mask).logits[scored]
-    with torch.no_grad():
-        target = reference(input_ids=windows.input_ids, attention_mask=windows.attention_mask).logits[scored]
-    return torch.nn.functional.kl_div(
-        torch.log_softmax(logits, -1), torch.log_softmax(target, -1), log_target=True, reduction="batchmean"
-    )
 
 
 def token_log_probs(model: LlamaForCausalLM, windows: Windows) -> torch.Tensor:
@@ -154,16 +152,38 @@ class UnlearningMethod:
         self.reference = None
         if self.settings.retain_loss == "kl" or self.needs_reference:
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+        self.forget_ceiling = None
+        if self.settings.forget_objective == "non_member_level":
+            with torch.no_grad():
+                strangers = make_windows(data.non_member_sequences, max_len)
+                self.forget_ceiling = float(window_nll(model.eval(), strangers).mean()) if len(strangers) else None
 
     # -- the pieces a method combines -------------------------------------------------------------
     def forget_loss(self, forget: Windows) -> torch.Tensor:
-        return window_loss(self.model, forget)
+        """The loss a method ascends on the forget set. With `non_member_level`, each window's loss counts
+        only up to the non-members' mean loss under the model before unlearning: a window that already looks
+        like a stranger's stops pulling, so the model is not pushed past what a model that never saw the
+        user would predict (unbounded ascent overshoots and drags utility down with it)."""
+        if self.forget_ceiling is None:
+            return window_loss(self.model, forget)
+        return window_nll(self.model, forget).clamp(max=self.forget_ceiling).mean()
+
+    def retain_terms(self, retain: Windows) -> tuple[torch.Tensor, torch.Tensor]:
+        """From one forward pass: the retain task loss (NLL) and the term that holds utility in place, which
+        is that NLL or the mean KL(model before unlearning || model) at the scored positions."""
+        scored = retain.labels != IGNORE
+        logits = self.model(input_ids=retain.input_ids, attention_mask=retain.attention_mask).logits[scored]
+        log_p = torch.log_softmax(logits, -1)
+        task = torch.nn.functional.nll_loss(log_p, retain.labels[scored])
+        if self.settings.retain_loss == "nll":
+            return task, task
+        with torch.no_grad():
+            reference = self.reference(input_ids=retain.input_ids, attention_mask=retain.attention_mask).logits
+            target = torch.log_softmax(reference[scored], -1)
+        return task, torch.nn.functional.kl_div(log_p, target, log_target=True, reduction="batchmean")
 
     def retain_loss(self, retain: Windows) -> torch.Tensor:
-        """NLL on retained data, or KL to the model before unlearning (keeps what it knew, no drift)."""
-        if self.settings.retain_loss == "nll":
-            return window_loss(self.model, retain)
-        return kl_to_reference(self.model, self.reference, retain)
+        return self.retain_terms(retain)[1]
 
     def loss(self, forget: Windows, retain: Windows) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} must override loss, step or run")
@@ -179,8 +199,8 @@ class UnlearningMethod:
         optimizer.step()
         return float(loss.detach())
 
-    def gradients(self, loss: torch.Tensor) -> list[torch.Tensor]:
-        grads = torch.autograd.grad(loss, self.parameters(), allow_unused=True)
+    def gradients(self, loss: torch.Tensor, retain_graph: bool = False) -> list[torch.Tensor]:
+        grads = torch.autograd.grad(loss, self.parameters(), allow_unused=True, retain_graph=retain_graph)
         return [torch.zeros_like(p) if g is None else g for p, g in zip(self.parameters(), grads, strict=True)]
 
     # -- the shared loop --------------------------------------------------------------------------
@@ -272,9 +292,10 @@ class GradientProjection(UnlearningMethod):
     def step(self, forget: Windows, retain: Windows, optimizer: torch.optim.Optimizer) -> float:
         forget_loss = self.forget_loss(forget)
         g_forget = self.gradients(forget_loss)
-        g_retain_task = self.gradients(window_loss(self.model, retain))
-        keep = self.settings.retain_weight * self.retain_loss(retain)
-        g_keep = self.gradients(keep) if keep.requires_grad else [torch.zeros_like(g) for g in g_forget]
+        task, keep = self.retain_terms(retain)
+        keep = self.settings.retain_weight * keep
+        g_keep = self.gradients(keep, retain_graph=True)
+        g_retain_task = self.gradients(task)
         masks = self.masks()
         if masks is None:
             ascent = project_out(g_forget, g_retain_task)

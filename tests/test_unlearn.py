@@ -116,3 +116,37 @@ def test_retrain_never_sees_the_forgotten_users(trained, snapshot, settings):
     result = run_unlearning(model, data, short, progress=False)
     assert result.stopped.startswith("retrained")
     assert not set(data.forgotten_users) & set(data.retain_sequences)
+
+
+def test_the_forget_objective_stops_pulling_at_the_non_member_level(trained, snapshot, settings):
+    """A forget window already as unlikely as a stranger's gives no gradient; a remembered one does."""
+    import copy
+
+    import torch
+
+    from pipeline.model import window_nll
+
+    data = forget_users(snapshot)
+    method = method_named("grad_ascent")(copy.deepcopy(trained[0]), settings, data)
+    nll = window_nll(method.model, method.forget).detach()
+    assert method.forget_ceiling is not None and nll.mean() < method.forget_ceiling, "members should be remembered"
+
+    def gradient_norm() -> float:
+        method.model.zero_grad()
+        method.forget_loss(method.forget).backward()
+        return float(sum(p.grad.norm() ** 2 for p in method.model.parameters() if p.grad is not None))
+
+    assert gradient_norm() > 0
+    method.forget_ceiling = float(nll.min()) - 1.0  # every window is past the ceiling
+    assert gradient_norm() == 0
+    unbounded = method_named("grad_ascent")(
+        copy.deepcopy(trained[0]), with_unlearn(settings, forget_objective="ascent"), data
+    )
+    assert unbounded.forget_ceiling is None
+    assert float(unbounded.forget_loss(unbounded.forget)) == pytest.approx(
+        float(torch.nn.functional.cross_entropy(
+            unbounded.model(input_ids=unbounded.forget.input_ids).logits.flatten(0, 1),
+            unbounded.forget.labels.flatten(),
+            ignore_index=-100,
+        )), rel=1e-4
+    )  # fmt: skip
