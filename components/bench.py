@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> dict:
     cli.add_argument("--out", type=Path, default=Path("results"), help="results folder (default: ./results)")
     args = cli.parse_args(argv)
     settings, home = context(args)
-    bench = settings.bench
+    settings, bench = settings.for_bench(), settings.bench
     if args.quick:
         settings = settings.model_copy(
             update={"unlearn": settings.unlearn.model_copy(update={"max_steps": bench.quick_max_steps})}

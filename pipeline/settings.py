@@ -84,6 +84,7 @@ class UnlearnSettings(_Frozen):
     method: str
     learning_rate: float = Field(gt=0.0)
     max_steps: int = Field(ge=1)
+    warmup_steps: int = Field(ge=1)
     batch_size: int = Field(ge=1)
     retain_batch_size: int = Field(ge=1)
     retain_weight: float = Field(ge=0.0)
@@ -126,6 +127,8 @@ class BenchSettings(_Frozen):
     floor_rate: float = Field(gt=0.0, lt=1.0)
     quick_rate: float = Field(gt=0.0, lt=1.0)
     quick_max_steps: int = Field(ge=1)
+    # unlearn keys the benchmark sets differently from the nightly (its batches are far larger)
+    unlearn: dict[str, float | int | str] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _tuning_seed_is_not_reported(self) -> BenchSettings:
@@ -167,6 +170,16 @@ class Settings(_Frozen):
     gate: GateSettings
     mlflow: MlflowSettings
     nightly: NightlySettings
+
+    @model_validator(mode="after")
+    def _bench_unlearn_is_valid(self) -> Settings:
+        self.for_bench()
+        return self
+
+    def for_bench(self) -> Settings:
+        """These settings with bench.unlearn laid over unlearn, validated like the rest."""
+        unlearn = UnlearnSettings.model_validate({**self.unlearn.model_dump(), **self.bench.unlearn})
+        return self.model_copy(update={"unlearn": unlearn})
 
 
 def default_params_path() -> Path:
