@@ -4,6 +4,9 @@ lethe nightly [--deletion-log PATH]   bootstrap if needed, run the nightly DAG o
 lethe sample-log --out PATH           write a deletion log for a few random members (a demo batch)
 lethe prepare | lethe train           the first two steps on their own
 lethe bench [--quick | --tuning]      every unlearning method against retraining
+lethe ingest PATH                     take a deletion log into the ledger and validate it (no batch)
+lethe ledger status                   requests by state, as JSON
+lethe ledger show REQUEST_ID          one request's history: states, times, batch, model version, reason
 """
 
 from __future__ import annotations
@@ -159,6 +162,40 @@ def sample_log(args: argparse.Namespace) -> int:
     return 0
 
 
+def open_ledger(args: argparse.Namespace):
+    from pipeline.ledger import Ledger
+
+    settings, home = load_settings(args.params), Home(args.home)
+    return Ledger(home.ledger_url(settings.ledger.url)), settings, home
+
+
+def ingest(args: argparse.Namespace) -> int:
+    """Parse, check against the data snapshot and record every request of a log; print JSON counts."""
+    from pipeline.data import read_snapshot
+    from pipeline.ledger import parse_file
+    from pipeline.requests import check_against_snapshot, log_files
+
+    ledger, _, home = open_ledger(args)
+    snapshot = read_snapshot(args.snapshot or home.snapshot)
+    files = [(str(path), path.read_bytes()) for path in log_files(Path(args.source))]
+    counts = ledger.ingest(files, parse_file, lambda received: check_against_snapshot(received, snapshot))
+    print(json.dumps(counts.as_dict()))
+    return 0
+
+
+def ledger_command(args: argparse.Namespace) -> int:
+    ledger, _, _ = open_ledger(args)
+    if args.ledger_command == "status":
+        print(json.dumps({**ledger.counts(), "schema_version": ledger.schema_version()}))
+        return 0
+    history = ledger.history(args.request_id)
+    if history is None:
+        print(f"lethe ledger show: no request {args.request_id!r} in the ledger", file=sys.stderr)
+        return 1
+    print(json.dumps(history, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     cli = argparse.ArgumentParser(
         prog="lethe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -179,8 +216,23 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--quick", action="store_true", help="one rate, one seed, few steps")
     bench.add_argument("--tuning", action="store_true", help="the tuning seed only")
     bench.add_argument("--out", default="results")
+    intake = commands.add_parser("ingest", help="take a deletion log into the ledger and validate it")
+    intake.add_argument("source", help="a .jsonl file or a folder of them")
+    intake.add_argument("--snapshot", type=Path, default=None, help="data snapshot (default: under home)")
+    book = commands.add_parser("ledger", help="what the ledger holds")
+    book_commands = book.add_subparsers(dest="ledger_command", required=True)
+    book_commands.add_parser("status", help="requests by state, as JSON")
+    show = book_commands.add_parser("show", help="one request's history, as JSON")
+    show.add_argument("request_id")
     args = cli.parse_args(argv)
+    from pipeline.ledger import LedgerUnavailable
+    from pipeline.pii import PiiKeyMissing
+
     try:
+        if args.command == "ingest":
+            sys.exit(ingest(args))
+        if args.command == "ledger":
+            sys.exit(ledger_command(args))
         if args.command == "nightly":
             sys.exit(nightly(args))
         if args.command == "sample-log":
@@ -204,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
             return
         step = {"prepare": prepare, "train": train}[args.command]
         step.main(common)
-    except (SettingsError, FileNotFoundError, ValueError, RuntimeError) as error:
+    except (SettingsError, FileNotFoundError, ValueError, RuntimeError, LedgerUnavailable, PiiKeyMissing) as error:
         print(f"lethe {args.command}: error: {error}", file=sys.stderr)
         sys.exit(2)
 

@@ -97,36 +97,47 @@ def parse_log(path: Path) -> tuple[list[Received], list[Rejection]]:
     """Every line of every file becomes a Received request or a Rejection; blank lines are skipped."""
     received, rejected = [], []
     for file in log_files(path):
-        for number, raw in enumerate(file.read_bytes().splitlines(), start=1):
-            source = str(file)
-            try:
-                text = raw.decode("utf-8-sig" if number == 1 else "utf-8").strip()
-            except UnicodeDecodeError as error:
-                rejected.append(Rejection(source, number, "not_utf8", f"line is not UTF-8 text: {error}"))
-                continue
-            if not text:
-                continue
-            try:
-                payload = json.loads(text)
-            except json.JSONDecodeError as error:
-                rejected.append(Rejection(source, number, "malformed_json", f"not valid JSON: {error}"))
-                continue
-            if not isinstance(payload, dict):
-                rejected.append(Rejection(source, number, "not_an_object", "a request must be a JSON object"))
-                continue
-            request_id = payload.get("request_id") if isinstance(payload.get("request_id"), str) else None
-            try:
-                received.append(Received(DeletionRequest.model_validate(payload), source, number))
-            except ValidationError as error:
-                rejected.append(Rejection(source, number, "invalid_request", _pydantic_reason(error), request_id))
+        got, refused = parse_lines(str(file), file.read_bytes())
+        received += got
+        rejected += refused
+    return received, rejected
+
+
+def parse_lines(source: str, content: bytes) -> tuple[list[Received], list[Rejection]]:
+    """One file's bytes (read locally or from object storage): a BOM and CRLF line ends are accepted."""
+    received, rejected = [], []
+    for number, raw in enumerate(content.splitlines(), start=1):
+        try:
+            text = raw.decode("utf-8-sig" if number == 1 else "utf-8").strip()
+        except UnicodeDecodeError as error:
+            rejected.append(Rejection(source, number, "not_utf8", f"line is not UTF-8 text: {error}"))
+            continue
+        if not text:
+            continue
+        try:
+            payload = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as error:
+            rejected.append(Rejection(source, number, "malformed_json", f"not valid JSON: {error}"[:500]))
+            continue
+        if not isinstance(payload, dict):
+            rejected.append(Rejection(source, number, "not_an_object", "a request must be a JSON object"))
+            continue
+        request_id = payload.get("request_id") if isinstance(payload.get("request_id"), str) else None
+        try:
+            received.append(Received(DeletionRequest.model_validate(payload), source, number))
+        except ValidationError as error:
+            rejected.append(Rejection(source, number, "invalid_request", _pydantic_reason(error), request_id))
     return received, rejected
 
 
 def check_against_snapshot(
-    received: list[Received], snapshot: Snapshot, already_honored: set[str] | None = None
+    received: list[Received],
+    snapshot: Snapshot,
+    already_honored: set[str] | None = None,
+    now: datetime | None = None,
 ) -> tuple[list[Received], list[Rejection]]:
-    """Referential checks: known user, items in that user's history, request ids unique."""
-    already_honored = already_honored or set()
+    """Referential checks: known user, items in that user's history, request ids unique, not from the future."""
+    already_honored, now = already_honored or set(), now or datetime.now(UTC)
     histories = snapshot.interactions.groupby("user_id").item_id.agg(set).to_dict()
     valid, rejected, seen_ids = [], [], set()
     for entry in received:
@@ -137,6 +148,8 @@ def check_against_snapshot(
 
         if request.request_id in already_honored:
             reject("already_honored", f"request {request.request_id!r} was honored by an earlier batch")
+        elif request.received_at > now:
+            reject("future_timestamp", f"received_at {request.received_at.isoformat()} is later than now")
         elif request.request_id in seen_ids:
             reject("duplicate_request_id", f"request id {request.request_id!r} appears more than once")
         elif request.user_id not in histories:

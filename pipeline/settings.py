@@ -137,6 +137,11 @@ class BenchSettings(_Frozen):
         return self
 
 
+class LedgerSettings(_Frozen):
+    url: str | None = None  # SQLAlchemy URL; null: SQLite under LETHE_HOME (LETHE_LEDGER_URL overrides both)
+    max_failed_nights: int = Field(ge=1)
+
+
 class GateSettings(_Frozen):
     max_ndcg_drop: float = Field(ge=0.0, lt=1.0)
     min_leakage_auc: float
@@ -168,6 +173,7 @@ class Settings(_Frozen):
     circuits: CircuitSettings
     bench: BenchSettings
     gate: GateSettings
+    ledger: LedgerSettings
     mlflow: MlflowSettings
     nightly: NightlySettings
 
@@ -240,6 +246,10 @@ class Home:
     @cached_property
     def honored_log(self) -> Path:
         return self.root / "honored.jsonl"
+
+    def ledger_url(self, configured: str | None = None) -> str:
+        """LETHE_LEDGER_URL (a deployment's secret), else ledger.url from params, else SQLite under home."""
+        return os.environ.get("LETHE_LEDGER_URL") or configured or f"sqlite:///{self.root / 'ledger.db'}"
 
     @property
     def tracking_uri(self) -> str:

@@ -1,0 +1,492 @@
+"""The ledger: for every deletion request ever received, where it stands and how it got there.
+
+SQLAlchemy 2 Core on SQLite (the default, under LETHE_HOME) or PostgreSQL (by URL). Two tables carry the
+bookkeeping: `requests`, one row per request (or per quarantined line), and `events`, append-only, one row
+per state change with who made it and when. `ingested_files` records every file taken in, by content hash,
+so that ingesting the same file twice changes nothing. The schema is created and upgraded by alembic
+migrations (pipeline/ledger_migrations), never by create_all.
+
+States: received -> validated | quarantined; validated -> in_batch (claimed by one batch, atomically);
+in_batch -> honored | pending_retry; pending_retry -> in_batch again, or needs_retrain after
+`ledger.max_failed_nights` rejected nights; needs_retrain -> in_batch (the retrain fallback) -> honored.
+
+Raw user ids never enter the ledger: a request carries the keyed hash of its user (pipeline.pii).
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import os
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+
+from pipeline.pii import pii_key, user_key
+from pipeline.requests import DeletionRequest, Received, Rejection, parse_lines
+
+MIGRATIONS = Path(__file__).resolve().parent / "ledger_migrations"
+STATES = ("received", "validated", "quarantined", "in_batch", "honored", "pending_retry", "needs_retrain")
+CLAIMABLE = ("validated", "pending_retry", "needs_retrain")
+OPEN = ("received", "validated", "in_batch", "pending_retry", "needs_retrain")
+
+metadata = sa.MetaData()
+requests_table = sa.Table(
+    "requests",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("key", sa.String(255)),
+    sa.Column("request_id", sa.String(255)),
+    sa.Column("user_key", sa.String(64)),
+    sa.Column("scope", sa.String(16)),
+    sa.Column("item_ids", sa.JSON),
+    sa.Column("received_at", sa.DateTime(timezone=True)),
+    sa.Column("state", sa.String(16)),
+    sa.Column("batch_id", sa.String(64)),
+    sa.Column("model_version", sa.String(32)),
+    sa.Column("reason", sa.String(64)),
+    sa.Column("message", sa.Text),
+    sa.Column("failed_nights", sa.Integer),
+    sa.Column("source", sa.Text),
+    sa.Column("line", sa.Integer),
+    sa.Column("created_at", sa.DateTime(timezone=True)),
+    sa.Column("updated_at", sa.DateTime(timezone=True)),
+)
+events_table = sa.Table(
+    "events",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("request_key", sa.String(255)),
+    sa.Column("from_state", sa.String(16)),
+    sa.Column("to_state", sa.String(16)),
+    sa.Column("at", sa.DateTime(timezone=True)),
+    sa.Column("actor", sa.String(128)),
+    sa.Column("batch_id", sa.String(64)),
+    sa.Column("model_version", sa.String(32)),
+    sa.Column("reason", sa.String(64)),
+)
+files_table = sa.Table(
+    "ingested_files",
+    metadata,
+    sa.Column("content_sha256", sa.String(64), primary_key=True),
+    sa.Column("uri", sa.Text),
+    sa.Column("size", sa.BigInteger),
+    sa.Column("lines", sa.Integer),
+    sa.Column("ingested_at", sa.DateTime(timezone=True)),
+    sa.Column("actor", sa.String(128)),
+)
+
+
+class LedgerUnavailable(RuntimeError):
+    """The ledger's database cannot be reached or migrated; the message says which URL and why."""
+
+
+def default_actor() -> str:
+    return f"{getpass.getuser()}@{socket.gethostname()}:{os.getpid()}"
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite:///{Path(path).resolve()}"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _safe_url(url: str) -> str:
+    return sa.engine.make_url(url).render_as_string(hide_password=True)
+
+
+@dataclass(frozen=True)
+class LedgerRequest:
+    """A request as a batch sees it: no raw user id, only its keyed hash."""
+
+    key: str
+    request_id: str
+    user_key: str
+    scope: str
+    item_ids: tuple[int, ...] | None
+    state: str
+    failed_nights: int
+
+
+@dataclass
+class IngestCounts:
+    received: int = 0  # lines that held something (blank lines are not requests)
+    validated: int = 0
+    quarantined: int = 0
+    duplicates: int = 0  # already in the ledger with the same content: nothing changed
+    files_skipped: list[str] = field(default_factory=list)  # whole files ingested before (same content hash)
+
+    def as_dict(self) -> dict:
+        return {
+            "received": self.received,
+            "validated": self.validated,
+            "quarantined": self.quarantined,
+            "duplicates": self.duplicates,
+            "files_skipped": self.files_skipped,
+        }
+
+
+class Ledger:
+    def __init__(self, url: str, actor: str | None = None) -> None:
+        self.url, self.actor = url, actor or default_actor()
+        if url.startswith("sqlite:///"):
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            # a writer waits for another instead of failing at once; claims take the write lock up front
+            self.engine = sa.create_engine(url, connect_args={"timeout": 60})
+            sa.event.listen(self.engine, "connect", self._sqlite_connect)
+            sa.event.listen(self.engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+        else:
+            self.engine = sa.create_engine(url, pool_pre_ping=True)
+        self.migrate()
+
+    @staticmethod
+    def _sqlite_connect(dbapi_connection, _record) -> None:
+        dbapi_connection.isolation_level = None  # let the "begin" listener issue BEGIN IMMEDIATE itself
+        dbapi_connection.execute("PRAGMA foreign_keys = ON")
+        dbapi_connection.execute("PRAGMA journal_mode = WAL")
+
+    # -- schema -----------------------------------------------------------------------------------
+    def _alembic(self, connection: sa.Connection) -> Config:
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS))
+        config.attributes["connection"] = connection
+        return config
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest migration (a no-op when it is there already)."""
+        try:
+            with self.engine.begin() as connection:
+                if connection.dialect.name == "postgresql":  # two processes starting at once migrate in turn
+                    connection.execute(sa.text("SELECT pg_advisory_xact_lock(7417384501)"))
+                command.upgrade(self._alembic(connection), "head")
+        except sa.exc.OperationalError as error:
+            reason = " ".join(str(error.orig).split())
+            raise LedgerUnavailable(f"ledger database {_safe_url(self.url)} is unavailable: {reason}") from None
+
+    def schema_version(self) -> str | None:
+        with self.engine.connect() as connection:
+            context = MigrationContext.configure(connection, opts={"version_table": "lethe_ledger_version"})
+            return context.get_current_revision()
+
+    @staticmethod
+    def newest_schema_version() -> str | None:
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS))
+        return ScriptDirectory.from_config(config).get_current_head()
+
+    # -- writes -----------------------------------------------------------------------------------
+    def _event(self, connection, key, from_state, to_state, batch_id=None, model_version=None, reason=None) -> dict:
+        return {
+            "request_key": key,
+            "from_state": from_state,
+            "to_state": to_state,
+            "at": _now(),
+            "actor": self.actor,
+            "batch_id": batch_id,
+            "model_version": model_version,
+            "reason": reason,
+        }
+
+    def ingest(
+        self,
+        files: Iterable[tuple[str, bytes]],
+        parse,
+        check,
+    ) -> IngestCounts:
+        """Take in files (uri, content): parse each, check what parsed, record every outcome in one transaction
+        per file. `parse(uri, content) -> (received, rejections)`; `check(received) -> (valid, rejections)`.
+        A file whose content was ingested before is skipped whole; a request id already in the ledger with the
+        same content is a duplicate (nothing changes), with different content it is quarantined."""
+        counts, key = IngestCounts(), pii_key()
+        for uri, content in files:
+            digest = hashlib.sha256(content).hexdigest()
+            received, rejected = parse(uri, content)
+            with self.engine.begin() as connection:
+                if connection.execute(sa.select(files_table.c.uri).filter_by(content_sha256=digest)).first():
+                    counts.files_skipped.append(uri)
+                    counts.duplicates += len(received) + len(rejected)
+                    continue
+                counts.received += len(received) + len(rejected)
+                fresh, rejected = self._split_known(connection, received, rejected, key, counts)
+                valid, refused = check(fresh)
+                rows, events = [], []
+                for entry in valid:
+                    rows.append(self._row(entry.request, key, "validated", entry.source, entry.line))
+                    events += [
+                        self._event(connection, rows[-1]["key"], None, "received"),
+                        self._event(connection, rows[-1]["key"], "received", "validated"),
+                    ]
+                by_line = {(e.source, e.line): e.request for e in received}
+                for rejection in [*rejected, *refused]:
+                    request = by_line.get((rejection.source, rejection.line))
+                    row = self._quarantine_row(rejection, request, key, digest)
+                    rows.append(row)
+                    events += [
+                        self._event(connection, row["key"], None, "received"),
+                        self._event(connection, row["key"], "received", "quarantined", reason=rejection.reason),
+                    ]
+                if rows:
+                    connection.execute(sa.insert(requests_table), rows)
+                    connection.execute(sa.insert(events_table), events)
+                connection.execute(
+                    sa.insert(files_table),
+                    {
+                        "content_sha256": digest,
+                        "uri": uri,
+                        "size": len(content),
+                        "lines": len(content.splitlines()),
+                        "ingested_at": _now(),
+                        "actor": self.actor,
+                    },
+                )
+                counts.validated += len(valid)
+                counts.quarantined += len(rejected) + len(refused)
+        return counts
+
+    def _split_known(self, connection, received, rejected, key, counts):
+        """Requests whose id the ledger (or this file) already holds: the same content is a duplicate, other
+        content a quarantined conflict; the rest are fresh."""
+        ids = [entry.request.request_id for entry in received]
+        known = {}
+        for chunk in range(0, len(ids), 5000):
+            part = ids[chunk : chunk + 5000]
+            query = sa.select(
+                requests_table.c.key, requests_table.c.user_key, requests_table.c.scope, requests_table.c.item_ids
+            ).where(requests_table.c.key.in_(part))
+            known.update({row.key: (row.user_key, row.scope, row.item_ids) for row in connection.execute(query)})
+        fresh, rejected, seen = [], list(rejected), {}
+        for entry in received:
+            request = entry.request
+            content = (user_key(request.user_id, key), request.scope, request.item_ids)
+            previous = known.get(request.request_id) or seen.get(request.request_id)
+            if previous is None:
+                seen[request.request_id] = content
+                fresh.append(entry)
+            elif previous == content and request.request_id in known:
+                counts.duplicates += 1
+                counts.received -= 1  # a resubmission of a request the ledger holds is not a new request
+            else:
+                rejected.append(
+                    Rejection(
+                        entry.source,
+                        entry.line,
+                        "duplicate_request_id",
+                        f"request id {request.request_id!r} was already used for a different request",
+                        request.request_id,
+                    )
+                )
+        return fresh, rejected
+
+    def _row(self, request: DeletionRequest, key: bytes, state: str, source: str, line: int) -> dict:
+        now = _now()
+        return {
+            "key": request.request_id,
+            "request_id": request.request_id,
+            "user_key": user_key(request.user_id, key),
+            "scope": request.scope,
+            "item_ids": request.item_ids,
+            "received_at": request.received_at,
+            "state": state,
+            "reason": None,
+            "message": None,
+            "failed_nights": 0,
+            "source": source,
+            "line": line,
+            "created_at": now,
+            "updated_at": now,
+        }
+
+    def _quarantine_row(self, rejection: Rejection, request: DeletionRequest | None, key: bytes, digest: str) -> dict:
+        now = _now()
+        row = {
+            "key": f"q:{digest[:16]}:{rejection.line}",
+            "request_id": (rejection.request_id or "")[:255] or None,
+            "user_key": None,
+            "scope": None,
+            "item_ids": None,
+            "received_at": None,
+            "state": "quarantined",
+            "reason": rejection.reason,
+            "message": rejection.message[:2000],
+            "failed_nights": 0,
+            "source": rejection.source,
+            "line": rejection.line,
+            "created_at": now,
+            "updated_at": now,
+        }
+        if request is not None:
+            row.update(
+                user_key=user_key(request.user_id, key),
+                scope=request.scope,
+                item_ids=request.item_ids,
+                received_at=request.received_at,
+            )
+        return row
+
+    def claim(self, batch_id: str, states: tuple[str, ...] = ("validated", "pending_retry")) -> list[LedgerRequest]:
+        """Move every request in `states` into this batch, atomically. PostgreSQL: the rows are locked with
+        FOR UPDATE SKIP LOCKED, so a second batch claiming at the same time skips them; SQLite: the transaction
+        holds the database's write lock from its first statement (BEGIN IMMEDIATE)."""
+        with self.engine.begin() as connection:
+            rows = connection.execute(
+                sa.select(requests_table)
+                .where(requests_table.c.state.in_(states))
+                .order_by(requests_table.c.id)
+                .with_for_update(skip_locked=True)
+            ).all()
+            if rows:
+                keys = [row.key for row in rows]
+                for start in range(0, len(keys), 5000):
+                    connection.execute(
+                        sa.update(requests_table)
+                        .where(requests_table.c.key.in_(keys[start : start + 5000]))
+                        .values(state="in_batch", batch_id=batch_id, updated_at=_now())
+                    )
+                connection.execute(
+                    sa.insert(events_table),
+                    [self._event(connection, row.key, row.state, "in_batch", batch_id=batch_id) for row in rows],
+                )
+        return [
+            LedgerRequest(
+                row.key,
+                row.request_id,
+                row.user_key,
+                row.scope,
+                tuple(row.item_ids) if row.item_ids else None,
+                "in_batch",
+                row.failed_nights,
+            )
+            for row in rows
+        ]
+
+    def _finish(self, batch_id: str, to_state: str, model_version=None, reason=None, message=None, where=None) -> int:
+        with self.engine.begin() as connection:
+            condition = sa.and_(requests_table.c.batch_id == batch_id, requests_table.c.state == "in_batch")
+            if where is not None:
+                condition = sa.and_(condition, where)
+            keys = [row.key for row in connection.execute(sa.select(requests_table.c.key).where(condition))]
+            if not keys:
+                return 0
+            values = {"state": to_state, "updated_at": _now(), "reason": reason, "message": message}
+            if model_version is not None:
+                values["model_version"] = model_version
+            if to_state != "honored":
+                values["failed_nights"] = requests_table.c.failed_nights + 1
+            connection.execute(sa.update(requests_table).where(requests_table.c.key.in_(keys)).values(**values))
+            connection.execute(
+                sa.insert(events_table),
+                [self._event(connection, k, "in_batch", to_state, batch_id, model_version, reason) for k in keys],
+            )
+            return len(keys)
+
+    def honor(self, batch_id: str, model_version: str) -> int:
+        """The batch's model was promoted: its requests are honored by that model version."""
+        return self._finish(batch_id, "honored", model_version=str(model_version))
+
+    def fail(self, batch_id: str, reason: str, message: str, max_failed_nights: int) -> dict[str, int]:
+        """The batch was rejected: its requests wait for the next night, or need a retrain after too many."""
+        last = requests_table.c.failed_nights + 1 >= max_failed_nights
+        return {
+            "needs_retrain": self._finish(batch_id, "needs_retrain", reason=reason, message=message, where=last),
+            "pending_retry": self._finish(batch_id, "pending_retry", reason=reason, message=message),
+        }
+
+    # -- reads ------------------------------------------------------------------------------------
+    def counts(self) -> dict[str, int]:
+        with self.engine.connect() as connection:
+            rows = connection.execute(
+                sa.select(requests_table.c.state, sa.func.count()).group_by(requests_table.c.state)
+            ).all()
+        found = dict(rows)
+        return {state: int(found.get(state, 0)) for state in STATES}
+
+    def history(self, request_id: str) -> dict | None:
+        """One request's row and every state change, oldest first (quarantined lines match their request id too)."""
+        with self.engine.connect() as connection:
+            rows = (
+                connection.execute(
+                    sa.select(requests_table)
+                    .where(sa.or_(requests_table.c.key == request_id, requests_table.c.request_id == request_id))
+                    .order_by(requests_table.c.id)
+                )
+                .mappings()
+                .all()
+            )
+            if not rows:
+                return None
+            entries = []
+            for row in rows:
+                events = (
+                    connection.execute(
+                        sa.select(events_table)
+                        .where(events_table.c.request_key == row["key"])
+                        .order_by(events_table.c.id)
+                    )
+                    .mappings()
+                    .all()
+                )
+                entries.append(
+                    {
+                        **{k: _plain(v) for k, v in row.items() if k != "id"},
+                        "events": [
+                            {k: _plain(v) for k, v in e.items() if k not in ("id", "request_key")} for e in events
+                        ],
+                    }
+                )
+        return {"request_id": request_id, "entries": entries}
+
+    def honored(self) -> tuple[set[str], dict[str, set[int]]]:
+        """What no load of training data may contain: user keys honored at user scope, and per user key the
+        items honored at interaction scope."""
+        users, items = set(), {}
+        with self.engine.connect() as connection:
+            rows = connection.execute(
+                sa.select(requests_table.c.user_key, requests_table.c.scope, requests_table.c.item_ids).where(
+                    requests_table.c.state == "honored"
+                )
+            )
+            for row in rows:
+                if row.scope == "user":
+                    users.add(row.user_key)
+                else:
+                    items.setdefault(row.user_key, set()).update(row.item_ids or [])
+        return users, items
+
+    def batch(self, batch_id: str) -> list[LedgerRequest]:
+        with self.engine.connect() as connection:
+            rows = connection.execute(sa.select(requests_table).where(requests_table.c.batch_id == batch_id)).all()
+        return [
+            LedgerRequest(
+                r.key,
+                r.request_id,
+                r.user_key,
+                r.scope,
+                tuple(r.item_ids) if r.item_ids else None,
+                r.state,
+                r.failed_nights,
+            )
+            for r in rows
+        ]
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def _plain(value):
+    if isinstance(value, datetime):  # SQLite hands back naive datetimes; every time stored is UTC
+        return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
+    return value
+
+
+def parse_file(uri: str, content: bytes) -> tuple[list[Received], list[Rejection]]:
+    return parse_lines(uri, content)

@@ -1,0 +1,205 @@
+"""The ledger on SQLite and on the PostgreSQL server at 127.0.0.1:5432: intake, claims, outcomes, history."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import uuid
+from datetime import UTC, datetime
+
+import pytest
+import sqlalchemy as sa
+
+from pipeline.ledger import STATES, Ledger, parse_file
+from pipeline.pii import PiiKeyMissing, user_key
+from pipeline.requests import check_against_snapshot
+
+POSTGRES = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+
+
+def postgres_available() -> bool:
+    try:
+        with sa.create_engine(POSTGRES, connect_args={"connect_timeout": 3}).connect():
+            return True
+    except sa.exc.OperationalError:
+        return False
+
+
+def postgres_schema_url() -> str:
+    """A fresh schema in the test database, so that every test starts from an empty ledger."""
+    schema = f"lethe_{uuid.uuid4().hex[:12]}"
+    with sa.create_engine(POSTGRES).begin() as connection:
+        connection.execute(sa.text(f"CREATE SCHEMA {schema}"))
+    return f"{POSTGRES}?options=-csearch_path%3D{schema}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_url(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'ledger.db'}"
+    if not postgres_available():
+        pytest.skip(f"no PostgreSQL server answers at {POSTGRES}: the PostgreSQL ledger tests need one")
+    return postgres_schema_url()
+
+
+def line(request_id, user_id, scope="user", items=None, received_at="2026-01-01T00:00:00Z") -> bytes:
+    payload = {"request_id": request_id, "user_id": user_id, "scope": scope, "received_at": received_at}
+    if items is not None:
+        payload["item_ids"] = items
+    return json.dumps(payload).encode() + b"\n"
+
+
+def accept_all(received):
+    return received, []
+
+
+def test_a_new_ledger_is_migrated_to_the_newest_schema(ledger_url):
+    ledger = Ledger(ledger_url)
+    assert ledger.schema_version() == Ledger.newest_schema_version() == "0001"
+    Ledger(ledger_url).migrate()  # a second start is a no-op, not an error
+    assert ledger.counts() == dict.fromkeys(STATES, 0)
+
+
+def test_ingesting_the_same_file_twice_changes_nothing(ledger_url):
+    ledger = Ledger(ledger_url)
+    content = line("a", 1) + b"{broken\n" + line("b", 2)
+    first = ledger.ingest([("log.jsonl", content)], parse_file, accept_all)
+    assert (first.received, first.validated, first.quarantined) == (3, 2, 1)
+    counts, histories = ledger.counts(), ledger.history("a")
+    again = ledger.ingest([("renamed.jsonl", content)], parse_file, accept_all)
+    assert again.files_skipped == ["renamed.jsonl"] and again.received == 0 and again.duplicates == 3
+    assert ledger.counts() == counts and ledger.history("a") == histories
+
+
+def test_a_request_id_reused_for_a_different_request_is_quarantined(ledger_url):
+    ledger = Ledger(ledger_url)
+    ledger.ingest([("one.jsonl", line("a", 1))], parse_file, accept_all)
+    same = ledger.ingest([("two.jsonl", line("a", 1) + b"\n")], parse_file, accept_all)
+    assert same.duplicates == 1 and same.received == 0
+    other = ledger.ingest([("three.jsonl", line("a", 2))], parse_file, accept_all)
+    assert other.quarantined == 1
+    entries = ledger.history("a")["entries"]
+    assert [e["state"] for e in entries] == ["validated", "quarantined"]
+    assert entries[1]["reason"] == "duplicate_request_id" and "already used" in entries[1]["message"]
+
+
+def test_a_request_walks_through_its_states_and_every_change_is_an_event(ledger_url):
+    ledger = Ledger(ledger_url, actor="test")
+    ledger.ingest([("log.jsonl", line("a", 1) + line("b", 2, "interactions", [5, 6]))], parse_file, accept_all)
+    assert {r.request_id for r in ledger.claim("night-1")} == {"a", "b"}
+    assert ledger.claim("night-1-again") == []  # nothing is taken twice
+    assert ledger.fail("night-1", "gate_rejected", "NDCG fell", max_failed_nights=2) == {
+        "needs_retrain": 0,
+        "pending_retry": 2,
+    }
+    assert len(ledger.claim("night-2")) == 2
+    assert ledger.fail("night-2", "gate_rejected", "NDCG fell", max_failed_nights=2)["needs_retrain"] == 2
+    assert ledger.claim("night-3") == []  # needs_retrain waits for the retrain fallback, not the nightly
+    assert len(ledger.claim("retrain-1", ("needs_retrain",))) == 2
+    assert ledger.honor("retrain-1", "7") == 2
+    counts = ledger.counts()
+    assert counts["honored"] == 2 and sum(counts.values()) == 2
+    entry = ledger.history("a")["entries"][0]
+    assert entry["state"] == "honored" and entry["model_version"] == "7" and entry["batch_id"] == "retrain-1"
+    assert [(e["from_state"], e["to_state"]) for e in entry["events"]] == [
+        (None, "received"),
+        ("received", "validated"),
+        ("validated", "in_batch"),
+        ("in_batch", "pending_retry"),
+        ("pending_retry", "in_batch"),
+        ("in_batch", "needs_retrain"),
+        ("needs_retrain", "in_batch"),
+        ("in_batch", "honored"),
+    ]
+    assert all(e["actor"] == "test" and e["at"].endswith("+00:00") for e in entry["events"])
+    users, items = ledger.honored()
+    assert users == {user_key(1)} and items == {user_key(2): {5, 6}}
+
+
+def test_raw_user_ids_never_enter_the_ledger(ledger_url, monkeypatch):
+    monkeypatch.setenv("LETHE_PII_KEY", "a-test-key")
+    ledger = Ledger(ledger_url)
+    ledger.ingest(
+        [("log.jsonl", line("r-1", 424242) + line("r-2", 737373, "interactions", [1]))], parse_file, accept_all
+    )
+    with ledger.engine.connect() as connection:
+        dump = json.dumps([list(map(str, row)) for row in connection.execute(sa.text("SELECT * FROM requests"))])
+        dump += json.dumps([list(map(str, row)) for row in connection.execute(sa.text("SELECT * FROM events"))])
+    assert "424242" not in dump and "737373" not in dump
+    assert user_key(424242) in dump
+    monkeypatch.setenv("LETHE_PII_KEY", "another-key")
+    assert user_key(424242) not in dump  # the hash depends on the key: no key, no link back
+
+
+def test_production_mode_without_a_key_is_an_error(monkeypatch):
+    monkeypatch.delenv("LETHE_PII_KEY", raising=False)
+    monkeypatch.setenv("LETHE_MODE", "production")
+    with pytest.raises(PiiKeyMissing, match="LETHE_PII_KEY is not set"):
+        user_key(1)
+
+
+def _claim_in_process(url: str, batch: str, queue, barrier) -> None:
+    ledger = Ledger(url, actor=batch)
+    barrier.wait()  # every process is connected and migrated: now they claim at the same moment
+    queue.put((batch, [r.key for r in ledger.claim(batch)]))
+
+
+@pytest.mark.parametrize("claimers", [2, 4])
+def test_concurrent_claims_never_share_a_request(ledger_url, claimers):
+    ledger = Ledger(ledger_url)
+    content = b"".join(line(f"r{i}", i) for i in range(3000))
+    ledger.ingest([("big.jsonl", content)], parse_file, accept_all)
+    context = multiprocessing.get_context("spawn")
+    queue, barrier = context.Queue(), context.Barrier(claimers)
+    processes = [
+        context.Process(target=_claim_in_process, args=(ledger_url, f"batch-{n}", queue, barrier))
+        for n in range(claimers)
+    ]
+    for process in processes:
+        process.start()
+    results = dict(queue.get(timeout=120) for _ in processes)
+    for process in processes:
+        process.join(timeout=60)
+        assert process.exitcode == 0
+    taken = [key for keys in results.values() for key in keys]
+    assert len(taken) == len(set(taken)) == 3000, {batch: len(keys) for batch, keys in results.items()}
+    counts = ledger.counts()
+    assert counts["in_batch"] == 3000 and counts["validated"] == 0
+    for batch, keys in results.items():
+        assert {r.key for r in ledger.batch(batch)} == set(keys)
+
+
+def test_referential_checks_quarantine_with_a_reason(ledger_url, snapshot):
+    ledger = Ledger(ledger_url)
+    member = int(snapshot.members[0])
+    history = sorted(snapshot.interactions[snapshot.interactions.user_id == member].item_id)
+    content = (
+        line("ok", member)
+        + line("ghost", 10**9)
+        + line("items", member, "interactions", [history[0], 10**9])
+        + line("later", member, received_at="2999-01-01T00:00:00Z")
+    )
+    counts = ledger.ingest(
+        [("log.jsonl", content)], parse_file, lambda received: check_against_snapshot(received, snapshot)
+    )
+    assert (counts.validated, counts.quarantined) == (1, 3)
+    reasons = {rid: ledger.history(rid)["entries"][0]["reason"] for rid in ("ghost", "items", "later")}
+    assert reasons == {"ghost": "unknown_user", "items": "unknown_items", "later": "future_timestamp"}
+
+
+def test_an_unreachable_database_is_a_one_line_error(capsys, monkeypatch, tmp_path):
+    from components import cli
+
+    monkeypatch.setenv("LETHE_LEDGER_URL", "postgresql+psycopg2://postgres@127.0.0.1:1/test")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--home", str(tmp_path), "ledger", "status"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert error.count("\n") == 1 and "ledger database" in error and "is unavailable" in error
+
+
+def test_received_at_is_kept_in_utc(ledger_url):
+    ledger = Ledger(ledger_url)
+    ledger.ingest([("log.jsonl", line("tz", 1, received_at="2026-03-01T12:00:00+02:00"))], parse_file, accept_all)
+    received = ledger.history("tz")["entries"][0]["received_at"]
+    assert datetime.fromisoformat(received) == datetime(2026, 3, 1, 10, 0, tzinfo=UTC)
