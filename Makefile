@@ -5,7 +5,7 @@ LETHE_HOME ?= $(CURDIR)/.lethe
 PYTHON     ?= python3
 export LETHE_HOME
 
-.PHONY: nightly test install lint lock clean
+.PHONY: nightly test install lint lock clean bench bench-ingest
 
 $(VENV)/.installed: pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,12 @@ nightly: install
 test: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest
+
+bench: install
+	$(VENV)/bin/lethe bench --out results
+
+bench-ingest: install
+	$(VENV)/bin/python -m components.bench_ingest --requests 100000
 
 lock: install
 	$(VENV)/bin/pip freeze --exclude-editable | sed 's/^torch==\(.*\)+cpu$$/torch==\1/' > requirements/constraints.txt

@@ -57,6 +57,6 @@ def entry_point(step: str, main: Callable[[list[str] | None], dict]) -> None:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {step} %(levelname)s %(message)s")
     try:
         main(None)
-    except (SettingsError, FileNotFoundError, ValueError) as error:
+    except (SettingsError, FileNotFoundError, ConnectionError, ValueError) as error:
         print(f"lethe {step}: error: {error}", file=sys.stderr)
         sys.exit(2)

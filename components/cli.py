@@ -171,14 +171,16 @@ def open_ledger(args: argparse.Namespace):
 
 def ingest(args: argparse.Namespace) -> int:
     """Parse, check against the data snapshot and record every request of a log; print JSON counts."""
-    from pipeline.data import read_snapshot
-    from pipeline.ledger import parse_file
-    from pipeline.requests import check_against_snapshot, log_files
+    from functools import partial
 
-    ledger, _, home = open_ledger(args)
+    from pipeline.data import read_snapshot
+    from pipeline.requests import check_against_snapshot, log_files, parse_lines
+
+    ledger, settings, home = open_ledger(args)
     snapshot = read_snapshot(args.snapshot or home.snapshot)
     files = [(str(path), path.read_bytes()) for path in log_files(Path(args.source))]
-    counts = ledger.ingest(files, parse_file, lambda received: check_against_snapshot(received, snapshot))
+    parse = partial(parse_lines, max_line_bytes=settings.ledger.max_line_bytes)
+    counts = ledger.ingest(files, parse, lambda received: check_against_snapshot(received, snapshot))
     print(json.dumps(counts.as_dict()))
     return 0
 
@@ -225,9 +227,6 @@ def main(argv: list[str] | None = None) -> None:
     show = book_commands.add_parser("show", help="one request's history, as JSON")
     show.add_argument("request_id")
     args = cli.parse_args(argv)
-    from pipeline.ledger import LedgerUnavailable
-    from pipeline.pii import PiiKeyMissing
-
     try:
         if args.command == "ingest":
             sys.exit(ingest(args))
@@ -256,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
             return
         step = {"prepare": prepare, "train": train}[args.command]
         step.main(common)
-    except (SettingsError, FileNotFoundError, ValueError, RuntimeError, LedgerUnavailable, PiiKeyMissing) as error:
+    except (SettingsError, FileNotFoundError, ConnectionError, ValueError, RuntimeError) as error:
         print(f"lethe {args.command}: error: {error}", file=sys.stderr)
         sys.exit(2)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from components._common import entry_point, parser, write_manifest
+from components._common import context, entry_point, parser, write_manifest
 from pipeline.requests import describe, log_files, parse_log, write_received
 
 REQUESTS_FILE = "requests.jsonl"
@@ -15,8 +15,9 @@ def main(argv: list[str] | None = None) -> dict:
     cli.add_argument("--deletion-log", type=Path, required=True, help="a .jsonl file or a folder of them")
     cli.add_argument("--batch-dir", type=Path, required=True, help="the batch's working folder")
     args = cli.parse_args(argv)
+    settings, _ = context(args)
     files = log_files(args.deletion_log)
-    received, rejected = parse_log(args.deletion_log)
+    received, rejected = parse_log(args.deletion_log, settings.ledger.max_line_bytes)
     write_received(args.batch_dir / REQUESTS_FILE, received)
     print("\n".join(describe(rejected)) or "no rejected lines")
     return write_manifest(

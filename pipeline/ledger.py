@@ -31,7 +31,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
 from pipeline.pii import pii_key, user_key
-from pipeline.requests import DeletionRequest, Received, Rejection, parse_lines
+from pipeline.requests import DeletionRequest, Rejection
 
 MIGRATIONS = Path(__file__).resolve().parent / "ledger_migrations"
 STATES = ("received", "validated", "quarantined", "in_batch", "honored", "pending_retry", "needs_retrain")
@@ -85,7 +85,7 @@ files_table = sa.Table(
 )
 
 
-class LedgerUnavailable(RuntimeError):
+class LedgerUnavailable(ConnectionError):
     """The ledger's database cannot be reached or migrated; the message says which URL and why."""
 
 
@@ -169,7 +169,7 @@ class Ledger:
                 if connection.dialect.name == "postgresql":  # two processes starting at once migrate in turn
                     connection.execute(sa.text("SELECT pg_advisory_xact_lock(7417384501)"))
                 command.upgrade(self._alembic(connection), "head")
-        except sa.exc.OperationalError as error:
+        except sa.exc.DBAPIError as error:  # unreachable, refused, or a schema we may not create tables in
             reason = " ".join(str(error.orig).split())
             raise LedgerUnavailable(f"ledger database {_safe_url(self.url)} is unavailable: {reason}") from None
 
@@ -486,7 +486,3 @@ def _plain(value):
     if isinstance(value, datetime):  # SQLite hands back naive datetimes; every time stored is UTC
         return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
     return value
-
-
-def parse_file(uri: str, content: bytes) -> tuple[list[Received], list[Rejection]]:
-    return parse_lines(uri, content)

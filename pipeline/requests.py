@@ -93,20 +93,25 @@ def _pydantic_reason(error: ValidationError) -> str:
     )
 
 
-def parse_log(path: Path) -> tuple[list[Received], list[Rejection]]:
+def parse_log(path: Path, max_line_bytes: int) -> tuple[list[Received], list[Rejection]]:
     """Every line of every file becomes a Received request or a Rejection; blank lines are skipped."""
     received, rejected = [], []
     for file in log_files(path):
-        got, refused = parse_lines(str(file), file.read_bytes())
+        got, refused = parse_lines(str(file), file.read_bytes(), max_line_bytes)
         received += got
         rejected += refused
     return received, rejected
 
 
-def parse_lines(source: str, content: bytes) -> tuple[list[Received], list[Rejection]]:
-    """One file's bytes (read locally or from object storage): a BOM and CRLF line ends are accepted."""
+def parse_lines(source: str, content: bytes, max_line_bytes: int) -> tuple[list[Received], list[Rejection]]:
+    """One file's bytes (read locally or from object storage): a BOM and CRLF line ends are accepted; a line
+    longer than max_line_bytes is refused before it is parsed."""
     received, rejected = [], []
     for number, raw in enumerate(content.splitlines(), start=1):
+        if len(raw) > max_line_bytes:
+            message = f"line is {len(raw):,} bytes, more than the {max_line_bytes:,} a request may take"
+            rejected.append(Rejection(source, number, "line_too_long", message))
+            continue
         try:
             text = raw.decode("utf-8-sig" if number == 1 else "utf-8").strip()
         except UnicodeDecodeError as error:

@@ -140,6 +140,7 @@ class BenchSettings(_Frozen):
 class LedgerSettings(_Frozen):
     url: str | None = None  # SQLAlchemy URL; null: SQLite under LETHE_HOME (LETHE_LEDGER_URL overrides both)
     max_failed_nights: int = Field(ge=1)
+    max_line_bytes: int = Field(ge=256)
 
 
 class GateSettings(_Frozen):

@@ -6,14 +6,16 @@ import json
 import multiprocessing
 import uuid
 from datetime import UTC, datetime
+from functools import partial
 
 import pytest
 import sqlalchemy as sa
 
-from pipeline.ledger import STATES, Ledger, parse_file
+from pipeline.ledger import STATES, Ledger
 from pipeline.pii import PiiKeyMissing, user_key
-from pipeline.requests import check_against_snapshot
+from pipeline.requests import check_against_snapshot, parse_lines
 
+parse_file = partial(parse_lines, max_line_bytes=65536)
 POSTGRES = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 
 

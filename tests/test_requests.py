@@ -28,7 +28,7 @@ def test_bad_lines_are_rejected_with_file_line_and_reason_and_the_rest_goes_on(t
         )
         + "\n"
     )
-    received, rejected = parse_log(log)
+    received, rejected = parse_log(log, 65536)
     assert [(r.line, r.reason) for r in rejected] == [(2, "malformed_json"), (4, "invalid_request")]
     assert all(r.source == str(log) for r in rejected)
     assert "scope" in rejected[1].message and rejected[1].request_id == "bad-scope"
@@ -53,7 +53,7 @@ def test_bad_lines_are_rejected_with_file_line_and_reason_and_the_rest_goes_on(t
 def test_schema_violations(tmp_path, fields, fragment):
     log = tmp_path / "log.jsonl"
     log.write_text(line(**{"request_id": "r", "user_id": 1, **fields}) + "\n")
-    received, rejected = parse_log(log)
+    received, rejected = parse_log(log, 65536)
     assert not received and len(rejected) == 1
     assert fragment in rejected[0].message
 
@@ -67,7 +67,7 @@ def test_bom_crlf_non_utf8_and_non_objects(tmp_path):
         + b"\xff\xfe broken\r\n"
         + b"[1, 2]\r\n"
     )
-    received, rejected = parse_log(log)
+    received, rejected = parse_log(log, 65536)
     assert [r.request.request_id for r in received] == ["a"]
     assert [(r.line, r.reason) for r in rejected] == [(2, "not_utf8"), (3, "not_an_object")]
 
@@ -76,10 +76,10 @@ def test_a_folder_is_read_in_name_order_and_a_missing_path_is_a_clear_error(tmp_
     (tmp_path / "b.jsonl").write_text(line(request_id="b", user_id=1, scope="user"))
     (tmp_path / "a.jsonl").write_text(line(request_id="a", user_id=1, scope="user"))
     (tmp_path / "notes.txt").write_text("not a log")
-    received, _ = parse_log(tmp_path)
+    received, _ = parse_log(tmp_path, 65536)
     assert [r.request.request_id for r in received] == ["a", "b"]
     with pytest.raises(FileNotFoundError, match="no such deletion log"):
-        parse_log(tmp_path / "absent.jsonl")
+        parse_log(tmp_path / "absent.jsonl", 65536)
 
 
 def test_referential_checks(snapshot):
