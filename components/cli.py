@@ -111,13 +111,14 @@ def print_summary(summary: dict, path: Path) -> None:
     print("\n== Lethe nightly summary ==")
     print(f"batch            {summary['batch_id']}")
     print(
-        f"requests         {summary['requests_total']} received, {summary['requests_honored']} honored, "
-        f"{summary['requests_pending']} pending, {summary['requests_rejected']} rejected, "
-        f"{summary['requests_already_honored']} already honored"
+        f"requests         {summary['requests_total']} received, {summary['requests_rejected']} quarantined, "
+        f"{summary['requests_duplicate']} duplicates; {summary['requests_claimed']} in this batch: "
+        f"{summary['requests_honored']} honored, {summary['requests_pending']} pending retry, "
+        f"{summary['requests_needs_retrain']} need a retrain"
     )
     for rejection in summary["rejections"]:
         print(
-            f"  rejected       {rejection['source']}:{rejection['line']}: {rejection['reason']}: {rejection['message']}"
+            f"  quarantined    {rejection['source']}:{rejection['line']}: {rejection['reason']}: {rejection['message']}"
         )
     print(f"NDCG@10          {figure(summary['ndcg10_before'])} -> {figure(summary['ndcg10_after'])}")
     print(
@@ -146,11 +147,11 @@ def sample_log(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     now = datetime.now(UTC).isoformat()
     with out.open("w") as handle:
-        for user in sorted(users.tolist()):
+        for number, user in enumerate(sorted(users.tolist()), start=1):
             handle.write(
                 json.dumps(
                     {
-                        "request_id": f"sample-{settings.seed}-{user}",
+                        "request_id": f"sample-{settings.seed}-{number}",  # no user id in it: ids are PII
                         "user_id": user,
                         "scope": "user",
                         "received_at": now,

@@ -8,6 +8,7 @@ from components._common import batch_arguments, context, entry_point, parser, re
 from components.unlearn import CANDIDATE_DIR
 from pipeline.evaluate import worst_case_auc
 from pipeline.gate import decide
+from pipeline.ledger import Ledger
 from pipeline.registry import Registry
 
 
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
             mlflow.log_metrics({f"{stage}.mia_auc.{a}": e["value"] for a, e in figures["mia_auc"].items()})
         for row in unlearned["history"]:
             mlflow.log_metrics({k: v for k, v in row.items() if k.startswith("auc_")}, step=row["step"])
-        for name in ("ingest", "validate", "split", "drift", "extract_circuits", "unlearn", "evaluate"):
+        for name in ("ingest", "claim", "split", "drift", "extract_circuits", "unlearn", "evaluate"):
             if (args.batch_dir / f"{name}.json").exists():
                 mlflow.log_artifact(str(args.batch_dir / f"{name}.json"), artifact_path="manifests")
         model_uri = registry.log_recommender(args.batch_dir / CANDIDATE_DIR)
@@ -62,6 +63,15 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             registry.tag_version(version.version, {"gate.reasons": " | ".join(decision.reasons)})
         mlflow.set_tags({"gate": decision.label, "model_version": version.version})
+    # The ledger follows the registry: a crash between the two leaves requests in_batch, and the next claim of
+    # the same batch id settles them from the registry's record (see Ledger.claim).
+    ledger = Ledger(home.ledger_url(settings.ledger.url), actor=f"batch {batch_id}")
+    if decision.passed:
+        outcome = {"honored": ledger.honor(batch_id, version.version)}
+    else:
+        outcome = ledger.fail(
+            batch_id, "gate_rejected", " | ".join(decision.reasons), settings.ledger.max_failed_nights
+        )
     for reason in decision.reasons:
         print(f"gate: {reason}")
     return write_manifest(
@@ -73,6 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
             "model_uri": model_uri,
             "run_id": run.info.run_id,
             "promoted": decision.passed,
+            "ledger": outcome,
         },
     )
 

@@ -1,33 +1,38 @@
-"""Read a deletion log (a .jsonl file or a folder of them): every line becomes a request or a rejection."""
+"""Take the deletion log (a .jsonl file or a folder of them) into the ledger: every line ends validated or
+quarantined with a reason; a file ingested before is skipped whole. Writes the batch's quarantine report."""
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
-from components._common import context, entry_point, parser, write_manifest
-from pipeline.requests import describe, log_files, parse_log, write_received
-
-REQUESTS_FILE = "requests.jsonl"
+from components._common import batch_arguments, context, entry_point, parser, snapshot_dir, write_manifest
+from pipeline.data import read_snapshot
+from pipeline.ledger import Ledger
+from pipeline.requests import check_against_snapshot, log_files, parse_lines
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cli = parser("ingest", __doc__)
+    cli = batch_arguments(parser("ingest", __doc__))
     cli.add_argument("--deletion-log", type=Path, required=True, help="a .jsonl file or a folder of them")
-    cli.add_argument("--batch-dir", type=Path, required=True, help="the batch's working folder")
     args = cli.parse_args(argv)
-    settings, _ = context(args)
+    settings, home = context(args)
+    snapshot = read_snapshot(snapshot_dir(args, home))
     files = log_files(args.deletion_log)
-    received, rejected = parse_log(args.deletion_log, settings.ledger.max_line_bytes)
-    write_received(args.batch_dir / REQUESTS_FILE, received)
-    print("\n".join(describe(rejected)) or "no rejected lines")
+    ledger = Ledger(home.ledger_url(settings.ledger.url), actor=f"batch {args.batch_dir.name}")
+    counts = ledger.ingest(
+        [(str(file), file.read_bytes()) for file in files],
+        partial(parse_lines, max_line_bytes=settings.ledger.max_line_bytes),
+        lambda received: check_against_snapshot(received, snapshot),
+    )
+    for entry in counts.quarantine:
+        print(f"quarantined {entry['source']}:{entry['line']}: {entry['reason']}: {entry['message']}")
     return write_manifest(
         args.batch_dir / "ingest.json",
         {
             "deletion_log": str(args.deletion_log),
             "files": [str(file) for file in files],
-            "received": len(received) + len(rejected),
-            "parsed": len(received),
-            "rejected": [rejection.as_dict() for rejection in rejected],
+            **counts.as_dict(),
         },
     )
 

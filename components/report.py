@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
 
 import mlflow
 
 from components._common import batch_arguments, context, entry_point, parser, write_manifest
-from components.validate import VALID_FILE
 from pipeline.registry import Registry
 from pipeline.report import plot_unlearning, render_html, summarize
-from pipeline.requests import read_received
 
-STEPS = ("ingest", "validate", "split", "drift", "extract_circuits", "unlearn", "evaluate", "gate")
+STEPS = ("ingest", "claim", "split", "drift", "extract_circuits", "unlearn", "evaluate", "gate")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -30,21 +27,6 @@ def main(argv: list[str] | None = None) -> dict:
     plot = plot_unlearning(history, settings.unlearn.target_auc_band, batch_dir / "unlearning.png") if history else None
     (batch_dir / "report.html").write_text(render_html(summary, plot.name if plot else None))
 
-    if summary["gate"] == "passed":
-        now = datetime.now(UTC).isoformat()
-        with home.honored_log.open("a") as out:
-            for entry in read_received(batch_dir / VALID_FILE):
-                out.write(
-                    json.dumps(
-                        {
-                            "request_id": entry.request.request_id,
-                            "batch_id": batch_id,
-                            "model_version": summary["model_version"],
-                            "honored_at": now,
-                        }
-                    )
-                    + "\n"
-                )
     if summary["mlflow_run_id"]:
         Registry(home, settings.mlflow)
         with mlflow.start_run(run_id=summary["mlflow_run_id"]):

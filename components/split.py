@@ -7,9 +7,8 @@ import argparse
 import pandas as pd
 
 from components._common import batch_arguments, context, entry_point, parser, snapshot_dir, write_manifest
-from components.validate import VALID_FILE
+from components.claim import read_claimed
 from pipeline.data import Snapshot, content_hash, read_snapshot
-from pipeline.requests import read_received
 from pipeline.settings import Home
 from pipeline.splits import ROLES, UnlearningData, build_split, check_split, unlearning_data
 
@@ -26,7 +25,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = batch_arguments(parser("split", __doc__)).parse_args(argv)
     settings, home = context(args)
     snapshot = read_snapshot(snapshot_dir(args, home))
-    requests = [entry.request for entry in read_received(args.batch_dir / VALID_FILE)]
+    requests = read_claimed(args.batch_dir)
     split = build_split(snapshot, requests)
     problems = check_split(split, requests)
     if problems:

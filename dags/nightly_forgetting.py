@@ -41,8 +41,7 @@ def run_component(step: str, *args: str, manifest: str | None = None) -> dict:
     batch_dir, conf = _batch()
     params = conf.get("params") or str(default_params_path())
     command = [sys.executable, "-m", f"components.{step}", "--params", params, *args]
-    if step != "ingest":
-        command += ["--batch-dir", str(batch_dir)]
+    command += ["--batch-dir", str(batch_dir)]
     print("running:", " ".join(command), flush=True)
     process = subprocess.run(
         command,
@@ -69,22 +68,21 @@ def run_component(step: str, *args: str, manifest: str | None = None) -> dict:
 def nightly_forgetting():
     @task
     def ingest() -> dict:
-        batch_dir, conf = _batch()
-        log = conf.get("deletion_log") or str(Home().landing)
-        return run_component("ingest", "--deletion-log", log, "--batch-dir", str(batch_dir))
+        _, conf = _batch()
+        return run_component("ingest", "--deletion-log", conf.get("deletion_log") or str(Home().landing))
 
     @task
-    def validate(ingested: dict) -> dict:
-        return run_component("validate")
+    def claim(ingested: dict) -> dict:
+        return run_component("claim")
 
     @task.short_circuit(ignore_downstream_trigger_rules=False)
-    def has_new_requests(validated: dict) -> bool:
-        if validated["valid"] == 0:
-            print("no new valid deletion requests: nothing to unlearn tonight; skipping to the report")
-        return validated["valid"] > 0
+    def has_new_requests(claimed: dict) -> bool:
+        if claimed["claimed"] == 0:
+            print("no new valid requests and none waiting for a retry: nothing to unlearn tonight; on to the report")
+        return claimed["claimed"] > 0
 
     @task
-    def split(validated: dict) -> dict:
+    def split(claimed: dict) -> dict:
         return run_component("split")
 
     @task.branch
@@ -116,9 +114,9 @@ def nightly_forgetting():
     def report() -> dict:
         return run_component("report", manifest="summary.json")
 
-    validated = validate(ingest())
-    split_manifest = split(validated)
-    has_new_requests(validated) >> split_manifest
+    claimed = claim(ingest())
+    split_manifest = split(claimed)
+    has_new_requests(claimed) >> split_manifest
     unlearned = unlearn(split_manifest)
     drift(split_manifest) >> [extract_circuits(), reuse_circuits()] >> unlearned
     gate(evaluate(unlearned)) >> report()

@@ -114,6 +114,7 @@ class LedgerRequest:
     user_key: str
     scope: str
     item_ids: tuple[int, ...] | None
+    received_at: datetime
     state: str
     failed_nights: int
 
@@ -125,6 +126,7 @@ class IngestCounts:
     quarantined: int = 0
     duplicates: int = 0  # already in the ledger with the same content: nothing changed
     files_skipped: list[str] = field(default_factory=list)  # whole files ingested before (same content hash)
+    quarantine: list[dict] = field(default_factory=list)  # this ingest's quarantined lines: the batch's report
 
     def as_dict(self) -> dict:
         return {
@@ -133,6 +135,7 @@ class IngestCounts:
             "quarantined": self.quarantined,
             "duplicates": self.duplicates,
             "files_skipped": self.files_skipped,
+            "quarantine": self.quarantine,
         }
 
 
@@ -251,6 +254,7 @@ class Ledger:
                 )
                 counts.validated += len(valid)
                 counts.quarantined += len(rejected) + len(refused)
+                counts.quarantine += [r.as_dict() for r in [*rejected, *refused]]
         return counts
 
     def _split_known(self, connection, received, rejected, key, counts):
@@ -334,7 +338,8 @@ class Ledger:
         return row
 
     def claim(self, batch_id: str, states: tuple[str, ...] = ("validated", "pending_retry")) -> list[LedgerRequest]:
-        """Move every request in `states` into this batch, atomically. PostgreSQL: the rows are locked with
+        """Move every request in `states` into this batch, atomically, and return them with any this batch holds
+        already (a rerun of the same batch picks up its own requests). PostgreSQL: the rows are locked with
         FOR UPDATE SKIP LOCKED, so a second batch claiming at the same time skips them; SQLite: the transaction
         holds the database's write lock from its first statement (BEGIN IMMEDIATE)."""
         with self.engine.begin() as connection:
@@ -343,6 +348,11 @@ class Ledger:
                 .where(requests_table.c.state.in_(states))
                 .order_by(requests_table.c.id)
                 .with_for_update(skip_locked=True)
+            ).all()
+            held = connection.execute(
+                sa.select(requests_table)
+                .where(requests_table.c.state == "in_batch", requests_table.c.batch_id == batch_id)
+                .order_by(requests_table.c.id)
             ).all()
             if rows:
                 keys = [row.key for row in rows]
@@ -356,18 +366,7 @@ class Ledger:
                     sa.insert(events_table),
                     [self._event(connection, row.key, row.state, "in_batch", batch_id=batch_id) for row in rows],
                 )
-        return [
-            LedgerRequest(
-                row.key,
-                row.request_id,
-                row.user_key,
-                row.scope,
-                tuple(row.item_ids) if row.item_ids else None,
-                "in_batch",
-                row.failed_nights,
-            )
-            for row in rows
-        ]
+        return [_as_request(row, state="in_batch") for row in [*held, *rows]]
 
     def _finish(self, batch_id: str, to_state: str, model_version=None, reason=None, message=None, where=None) -> int:
         with self.engine.begin() as connection:
@@ -465,21 +464,24 @@ class Ledger:
     def batch(self, batch_id: str) -> list[LedgerRequest]:
         with self.engine.connect() as connection:
             rows = connection.execute(sa.select(requests_table).where(requests_table.c.batch_id == batch_id)).all()
-        return [
-            LedgerRequest(
-                r.key,
-                r.request_id,
-                r.user_key,
-                r.scope,
-                tuple(r.item_ids) if r.item_ids else None,
-                r.state,
-                r.failed_nights,
-            )
-            for r in rows
-        ]
+        return [_as_request(row) for row in rows]
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def _as_request(row, state: str | None = None) -> LedgerRequest:
+    received_at = row.received_at if row.received_at.tzinfo else row.received_at.replace(tzinfo=UTC)
+    return LedgerRequest(
+        row.key,
+        row.request_id,
+        row.user_key,
+        row.scope,
+        tuple(row.item_ids) if row.item_ids else None,
+        received_at,
+        state or row.state,
+        row.failed_nights,
+    )
 
 
 def _plain(value):

@@ -10,21 +10,23 @@ from pipeline.evaluate import worst_case_auc
 
 def summarize(batch_id: str, manifests: dict[str, dict]) -> dict:
     """One flat record of what the batch did, from the step manifests that exist."""
-    ingest, validate = manifests.get("ingest", {}), manifests.get("validate", {})
+    ingest, claim = manifests.get("ingest", {}), manifests.get("claim", {})
     gate, evaluation, unlearn = manifests.get("gate"), manifests.get("evaluate"), manifests.get("unlearn", {})
-    rejections = ingest.get("rejected", []) + [
-        r for r in validate.get("rejected", []) if r["reason"] != "already_honored"
-    ]
-    valid = validate.get("valid", 0)
+    rejections = ingest.get("quarantine", [])
+    claimed = claim.get("claimed", 0)
     passed = gate is not None and gate["gate"] == "passed"
+    outcome = (gate or {}).get("ledger", {})
     summary = {
         "batch_id": batch_id,
         "deletion_log": ingest.get("deletion_log"),
         "requests_total": ingest.get("received", 0),
-        "requests_honored": valid if passed else 0,
-        "requests_pending": valid if gate is not None and not passed else 0,
+        "requests_claimed": claimed,
+        "requests_retried": claim.get("retries", 0),
+        "requests_honored": outcome.get("honored", 0) if passed else 0,
+        "requests_pending": outcome.get("pending_retry", 0),
+        "requests_needs_retrain": outcome.get("needs_retrain", 0),
         "requests_rejected": len(rejections),
-        "requests_already_honored": sum(r["reason"] == "already_honored" for r in validate.get("rejected", [])),
+        "requests_duplicate": ingest.get("duplicates", 0),
         "rejections": rejections,
         "gate": gate["gate"] if gate else "skipped",
         "gate_reasons": gate["reasons"] if gate else ["no new valid requests: nothing to unlearn"],

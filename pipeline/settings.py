@@ -244,10 +244,6 @@ class Home:
     def airflow(self) -> Path:
         return self.root / "airflow"
 
-    @cached_property
-    def honored_log(self) -> Path:
-        return self.root / "honored.jsonl"
-
     def ledger_url(self, configured: str | None = None) -> str:
         """LETHE_LEDGER_URL (a deployment's secret), else ledger.url from params, else SQLite under home."""
         return os.environ.get("LETHE_LEDGER_URL") or configured or f"sqlite:///{self.root / 'ledger.db'}"

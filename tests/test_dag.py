@@ -32,8 +32,8 @@ def test_steps_run_in_order(dag):
     def downstream(task_id):
         return sorted(dag.get_task(task_id).downstream_task_ids)
 
-    assert downstream("ingest") == ["validate"]
-    assert downstream("validate") == ["has_new_requests", "split"]
+    assert downstream("ingest") == ["claim"]
+    assert downstream("claim") == ["has_new_requests", "split"]
     assert downstream("has_new_requests") == ["split"]
     assert downstream("split") == ["drift", "unlearn"]
     assert downstream("drift") == ["extract_circuits", "reuse_circuits"]

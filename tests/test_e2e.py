@@ -81,6 +81,25 @@ def test_valid_requests_go_through_and_bad_lines_are_reported_with_file_line_and
     assert f"{log}:4: unknown_user" in printed and "== Lethe nightly summary ==" in printed
 
 
+def test_the_ledger_accounts_for_every_line_of_the_log(workspace):
+    status = lethe(workspace["home"], workspace["params"], "ledger", "status")
+    assert status.returncode == 0, status.stderr
+    counts = json.loads(status.stdout)
+    assert counts["quarantined"] == 3
+    if workspace["summary"]["gate"] == "passed":
+        assert counts["honored"] == 5 and counts["pending_retry"] == 0
+    else:
+        assert counts["pending_retry"] == 5 and counts["honored"] == 0
+    assert counts["in_batch"] == counts["validated"] == counts["received"] == 0
+    first = json.loads(workspace["log"].read_text().splitlines()[0])["request_id"]
+    shown = lethe(workspace["home"], workspace["params"], "ledger", "show", first)
+    entry = json.loads(shown.stdout)["entries"][0]
+    assert entry["batch_id"] == "first" and entry["state"] in {"honored", "pending_retry"}
+    assert [e["to_state"] for e in entry["events"]][:3] == ["received", "validated", "in_batch"]
+    if entry["state"] == "honored":
+        assert entry["model_version"] == str(workspace["summary"]["model_version"])
+
+
 def test_the_registry_holds_a_gated_candidate_and_leakage_went_down(workspace):
     client = mlflow.MlflowClient()
     summary = workspace["summary"]
@@ -133,6 +152,8 @@ def test_the_champion_serves_recommendations_without_seen_items(workspace):
 
 
 def test_a_log_with_no_valid_request_short_circuits_and_says_so(workspace):
+    if workspace["summary"]["gate"] != "passed":
+        pytest.skip("the first batch was rejected, so its requests wait for a retry: this night is not empty")
     log = workspace["root"] / "bad-only.jsonl"
     log.write_text('{"not json\n')
     client = mlflow.MlflowClient()
@@ -144,6 +165,18 @@ def test_a_log_with_no_valid_request_short_circuits_and_says_so(workspace):
     assert summary["requests_rejected"] == 1
     assert "no new valid requests" in run.stdout
     assert len(client.search_model_versions(f"name='{MODEL}'")) == versions_before
+
+
+def test_the_same_log_again_changes_nothing(workspace):
+    if workspace["summary"]["gate"] != "passed":
+        pytest.skip("the first batch was rejected, so its requests wait for a retry: this night is not empty")
+    before = json.loads(lethe(workspace["home"], workspace["params"], "ledger", "status").stdout)
+    home, params, log = workspace["home"], workspace["params"], str(workspace["log"])
+    run = lethe(home, params, "nightly", "--deletion-log", log, "--batch-id", "again")
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads((workspace["home"] / "batches" / "again" / "summary.json").read_text())
+    assert summary["requests_total"] == 0 and summary["requests_duplicate"] == 8 and summary["gate"] == "skipped"
+    assert json.loads(lethe(workspace["home"], workspace["params"], "ledger", "status").stdout) == before
 
 
 def test_a_small_next_batch_reuses_the_cached_circuits(workspace):
@@ -164,3 +197,31 @@ def test_a_small_next_batch_reuses_the_cached_circuits(workspace):
     assert not (home / "batches" / "second" / "extract_circuits.json").exists()
     summary = json.loads((home / "batches" / "second" / "summary.json").read_text())
     assert summary["requests_total"] == 1 and summary["circuits"] == "reused"
+
+
+def test_no_raw_id_of_a_forgotten_user_reaches_mlflow_or_the_reports(workspace):
+    """Scan every MLflow table and artifact, and every batch's summary and report, for the sample's user ids."""
+    import re
+    import sqlite3
+
+    home = workspace["home"]
+    users = [json.loads(line)["user_id"] for line in (workspace["root"] / "sample.jsonl").read_text().splitlines()]
+    texts = {}
+    with sqlite3.connect(home / "mlflow.db") as connection:
+        tables = [row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        for table in tables:
+            rows = connection.execute(f'SELECT * FROM "{table}"').fetchall()
+            texts[f"mlflow.db:{table}"] = json.dumps(rows, default=str)
+    readable = {".json", ".jsonl", ".html", ".yaml", ".yml", ".txt", ".md", ".py", ".MLmodel", ""}
+    for path in (home / "mlartifacts").rglob("*"):
+        if path.is_file() and path.suffix in readable:
+            texts[str(path)] = path.read_text(errors="replace")
+    for batch in (home / "batches").iterdir():
+        for name in ("summary.json", "report.html"):
+            if (batch / name).exists():
+                texts[str(batch / name)] = (batch / name).read_text()
+    assert len(texts) > 10
+    for user in users:
+        pattern = re.compile(rf"user(?:_id)?\W{{0,4}}{user}\b|\b{user}\W{{0,4}}user")
+        leaks = [where for where, text in texts.items() if pattern.search(text)]
+        assert not leaks, f"raw user id {user} found in {leaks[:5]}"
