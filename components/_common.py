@@ -39,6 +39,27 @@ def snapshot_dir(args: argparse.Namespace, home: Home) -> Path:
     return args.snapshot if args.snapshot is not None else home.snapshot
 
 
+def forgotten(settings: Settings, home: Home, user_ids) -> tuple[set[int], dict[int, set[int]]]:
+    """Users and (user, item) interactions the ledger holds as honored, as ids of the given population."""
+    from pipeline.ledger import Ledger
+    from pipeline.pii import user_keys
+
+    users, pairs = Ledger(home.ledger_url(settings.ledger.url)).honored()
+    if not users and not pairs:
+        return set(), {}
+    ids = user_keys(user_ids)
+    return {ids[k] for k in users if k in ids}, {ids[k]: items for k, items in pairs.items() if k in ids}
+
+
+def load_snapshot(args: argparse.Namespace, home: Home, settings: Settings):
+    """The data snapshot minus everything honored: every step that trains or evaluates reads it this way,
+    so that no forgotten user or interaction comes back through a later retrain or batch."""
+    from pipeline.data import read_snapshot
+
+    snapshot = read_snapshot(args.snapshot if getattr(args, "snapshot", None) is not None else home.snapshot)
+    return snapshot.excluding(*forgotten(settings, home, snapshot.interactions.user_id.unique()))
+
+
 def write_manifest(path: Path, manifest: dict) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(manifest, indent=2, default=str))

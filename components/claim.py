@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import json
 
-from components._common import batch_arguments, context, entry_point, parser, snapshot_dir, write_manifest
-from pipeline.data import read_snapshot
+from components._common import batch_arguments, context, entry_point, load_snapshot, parser, write_manifest
 from pipeline.ledger import Ledger
 from pipeline.pii import user_keys
 from pipeline.requests import DeletionRequest, Received, read_received, write_received
@@ -26,7 +25,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = batch_arguments(parser("claim", __doc__)).parse_args(argv)
     settings, home = context(args)
     batch_id = args.batch_dir.name
-    snapshot = read_snapshot(snapshot_dir(args, home))
+    snapshot = load_snapshot(args, home, settings)
     ledger = Ledger(home.ledger_url(settings.ledger.url), actor=f"batch {batch_id}")
     claimed = ledger.claim(batch_id)
     users = user_keys(snapshot.interactions.user_id.unique())

@@ -15,7 +15,7 @@ PROFILE_FILE = "profile.json"
 def main(argv: list[str] | None = None) -> dict:
     args = batch_arguments(parser("drift", __doc__)).parse_args(argv)
     settings, home = context(args)
-    _, data = batch_data(args, home)
+    _, data = batch_data(args, home, settings)
     registry = Registry(home, settings.mlflow)
     champion = registry.champion()
     if champion is None:

@@ -32,7 +32,7 @@ def measure(model, data: UnlearningData, probe: LeakageProbe, settings: Settings
 def main(argv: list[str] | None = None) -> dict:
     args = batch_arguments(parser("evaluate", __doc__)).parse_args(argv)
     settings, home = context(args)
-    _, data = batch_data(args, home)
+    _, data = batch_data(args, home, settings)
     probe = LeakageProbe(data, settings)
     before, _ = load_model(args.batch_dir / CHAMPION_DIR)
     after, _ = load_model(args.batch_dir / CANDIDATE_DIR)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from components._common import context, entry_point, parser
+from components._common import context, entry_point, forgotten, parser
 from pipeline.data import load_movielens, prepare_snapshot, write_snapshot
 
 
@@ -14,7 +14,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = cli.parse_args(argv)
     settings, home = context(args)
     out = args.out or home.snapshot
-    snapshot = prepare_snapshot(load_movielens(), settings.data, settings.seed)
+    ratings = load_movielens()
+    honored = forgotten(settings, home, ratings.user_id.unique())  # no resurrection through a fresh snapshot
+    snapshot = prepare_snapshot(ratings, settings.data, settings.seed, honored)
     write_snapshot(snapshot, out)
     print(f"snapshot {snapshot.manifest['content_hash'][:12]} -> {out}: {snapshot.manifest['counts']}")
     return snapshot.manifest

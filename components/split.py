@@ -6,25 +6,25 @@ import argparse
 
 import pandas as pd
 
-from components._common import batch_arguments, context, entry_point, parser, snapshot_dir, write_manifest
+from components._common import batch_arguments, context, entry_point, load_snapshot, parser, write_manifest
 from components.claim import read_claimed
-from pipeline.data import Snapshot, content_hash, read_snapshot
-from pipeline.settings import Home
+from pipeline.data import Snapshot, content_hash
+from pipeline.settings import Home, Settings
 from pipeline.splits import ROLES, UnlearningData, build_split, check_split, unlearning_data
 
 SPLIT_FILE = "split.parquet"
 
 
-def batch_data(args: argparse.Namespace, home: Home) -> tuple[Snapshot, UnlearningData]:
+def batch_data(args: argparse.Namespace, home: Home, settings: Settings) -> tuple[Snapshot, UnlearningData]:
     """The snapshot and this batch's forget / retain / reference sequences, as every later step reads them."""
-    snapshot = read_snapshot(snapshot_dir(args, home))
+    snapshot = load_snapshot(args, home, settings)
     return snapshot, unlearning_data(snapshot, pd.read_parquet(args.batch_dir / SPLIT_FILE))
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = batch_arguments(parser("split", __doc__)).parse_args(argv)
     settings, home = context(args)
-    snapshot = read_snapshot(snapshot_dir(args, home))
+    snapshot = load_snapshot(args, home, settings)
     requests = read_claimed(args.batch_dir)
     split = build_split(snapshot, requests)
     problems = check_split(split, requests)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from components._common import context, entry_point, parser, write_manifest
-from pipeline.data import read_snapshot
+from components._common import context, entry_point, load_snapshot, parser, write_manifest
 from pipeline.model import model_meta, save_model
 from pipeline.settings import Home
 from pipeline.train import train_base
@@ -17,7 +16,7 @@ def main(argv: list[str] | None = None) -> dict:
     cli.add_argument("--out", type=Path, default=None, help="model folder (default: under home)")
     args = cli.parse_args(argv)
     settings, home = context(args)
-    snapshot = read_snapshot(args.snapshot or home.snapshot)
+    snapshot = load_snapshot(args, home, settings)  # without anything the ledger holds as honored
     out = args.out or home.base_model
     model, report = train_base(snapshot, settings)
     save_model(model, out, model_meta(snapshot, settings, lineage="base"))

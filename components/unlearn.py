@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     args = cli.parse_args(argv)
     settings, home = context(args)
-    snapshot, data = batch_data(args, home)
+    snapshot, data = batch_data(args, home, settings)
     start_dir, champion_version = args.batch_dir / CHAMPION_DIR, None
     if args.model == "champion":
         from pipeline.registry import Registry

@@ -40,6 +40,18 @@ class Snapshot:
     items: pd.DataFrame  # item_id, token, title, genres, count
     manifest: dict
 
+    def excluding(self, users: set[int], pairs: dict[int, set[int]]) -> Snapshot:
+        """This snapshot without what was forgotten; the item catalogue (the model's vocabulary) stays as it is."""
+        interactions = drop_forgotten(self.interactions, users, pairs)
+        if len(interactions) == len(self.interactions):
+            return self
+        manifest = {
+            **self.manifest,
+            "excluded": {"users": len(users), "interactions": len(self.interactions) - len(interactions)},
+            "content_hash": content_hash(interactions),
+        }
+        return Snapshot(interactions.reset_index(drop=True), self.items, manifest)
+
     @property
     def n_tokens(self) -> int:
         return FIRST_ITEM_TOKEN + len(self.items)
@@ -68,19 +80,36 @@ class Snapshot:
         return {user: seq[0] for user, seq in self.sequences((split,), users).items()}
 
 
+def drop_forgotten(frame: pd.DataFrame, users: set[int], pairs: dict[int, set[int]]) -> pd.DataFrame:
+    """Rows (user_id, item_id, ...) without the forgotten users and the forgotten (user, item) interactions."""
+    keep = ~frame.user_id.isin(users)
+    if pairs:
+        forgotten = pd.MultiIndex.from_tuples([(u, i) for u, items in pairs.items() for i in items])
+        keep &= ~pd.MultiIndex.from_arrays([frame.user_id, frame.item_id]).isin(forgotten)
+    return frame[keep]
+
+
 def content_hash(frame: pd.DataFrame) -> str:
     row_hashes = pd.util.hash_pandas_object(frame.reset_index(drop=True), index=False).to_numpy()
     return hashlib.sha256(row_hashes.tobytes()).hexdigest()
 
 
-def prepare_snapshot(ratings: pd.DataFrame, settings: DataSettings, seed: int) -> Snapshot:
-    """Filter, order and split the ratings; choose the non-member users. Same inputs, same snapshot."""
+def prepare_snapshot(
+    ratings: pd.DataFrame,
+    settings: DataSettings,
+    seed: int,
+    forgotten: tuple[set[int], dict[int, set[int]]] = (set(), {}),
+) -> Snapshot:
+    """Filter, order and split the ratings; choose the non-member users. Same inputs, same snapshot.
+    `forgotten` users and (user, item) interactions are dropped after the user sample is drawn, so that a
+    deletion removes what it names and leaves the rest of the sample as it was."""
     rng = np.random.default_rng(seed)
     frame = ratings[ratings.rating >= settings.min_rating]
     if settings.max_users is not None:
         users = np.sort(frame.user_id.unique())
         keep = rng.choice(users, size=min(settings.max_users, len(users)), replace=False)
         frame = frame[frame.user_id.isin(keep)]
+    frame = drop_forgotten(frame, *forgotten)
     counts = frame.item_id.value_counts()
     frame = frame[frame.item_id.isin(counts.index[counts >= settings.min_item_interactions])]
     per_user = frame.groupby("user_id").size()
