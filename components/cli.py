@@ -4,7 +4,7 @@ lethe nightly [--deletion-log PATH]   bootstrap if needed, run the nightly DAG o
 lethe sample-log --out PATH           write a deletion log for a few random members (a demo batch)
 lethe prepare | lethe train           the first two steps on their own
 lethe bench [--quick | --tuning]      every unlearning method against retraining
-lethe ingest PATH                     take a deletion log into the ledger and validate it (no batch)
+lethe ingest PATH_OR_URI              take a deletion log into the ledger and validate it (no batch)
 lethe ledger status                   requests by state, as JSON
 lethe ledger show REQUEST_ID          one request's history: states, times, batch, model version, reason
 """
@@ -92,7 +92,9 @@ def nightly(args: argparse.Namespace) -> int:
     env = airflow_env(home, params)
     ensure_airflow(home, env)
     batch_id = args.batch_id or datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    deletion_log = str(Path(args.deletion_log).resolve()) if args.deletion_log else str(home.landing)
+    deletion_log = args.deletion_log or str(home.landing)
+    if "://" not in deletion_log:  # s3://bucket/prefix/ stays as it is; a local path is made absolute
+        deletion_log = str(Path(deletion_log).resolve())
     conf = {"deletion_log": deletion_log, "batch_id": batch_id, "params": str(params)}
     print(f"lethe: running DAG {DAG_ID} for batch {batch_id} on {deletion_log}", flush=True)
     _airflow(env, "dags", "test", DAG_ID, "--conf", json.dumps(conf))
@@ -175,11 +177,12 @@ def ingest(args: argparse.Namespace) -> int:
     from functools import partial
 
     from pipeline.data import read_snapshot
-    from pipeline.requests import check_against_snapshot, log_files, parse_lines
+    from pipeline.requests import check_against_snapshot, parse_lines
+    from pipeline.storage import read_logs
 
     ledger, settings, home = open_ledger(args)
     snapshot = read_snapshot(args.snapshot or home.snapshot)
-    files = [(str(path), path.read_bytes()) for path in log_files(Path(args.source))]
+    files = read_logs(args.source, settings.landing.s3_endpoint_url)
     parse = partial(parse_lines, max_line_bytes=settings.ledger.max_line_bytes)
     counts = ledger.ingest(files, parse, lambda received: check_against_snapshot(received, snapshot))
     print(json.dumps(counts.as_dict()))
@@ -220,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--tuning", action="store_true", help="the tuning seed only")
     bench.add_argument("--out", default="results")
     intake = commands.add_parser("ingest", help="take a deletion log into the ledger and validate it")
-    intake.add_argument("source", help="a .jsonl file or a folder of them")
+    intake.add_argument("source", help="a .jsonl file, a folder of them, or s3://bucket/prefix/")
     intake.add_argument("--snapshot", type=Path, default=None, help="data snapshot (default: under home)")
     book = commands.add_parser("ledger", help="what the ledger holds")
     book_commands = book.add_subparsers(dest="ledger_command", required=True)

@@ -4,24 +4,30 @@ quarantined with a reason; a file ingested before is skipped whole. Writes the b
 from __future__ import annotations
 
 from functools import partial
-from pathlib import Path
 
 from components._common import batch_arguments, context, entry_point, parser, snapshot_dir, write_manifest
 from pipeline.data import read_snapshot
 from pipeline.ledger import Ledger
-from pipeline.requests import check_against_snapshot, log_files, parse_lines
+from pipeline.requests import check_against_snapshot, parse_lines
+from pipeline.storage import read_logs
 
 
 def main(argv: list[str] | None = None) -> dict:
     cli = batch_arguments(parser("ingest", __doc__))
-    cli.add_argument("--deletion-log", type=Path, required=True, help="a .jsonl file or a folder of them")
+    cli.add_argument("--deletion-log", required=True, help="a .jsonl file, a folder of them, or s3://bucket/prefix/")
     args = cli.parse_args(argv)
     settings, home = context(args)
     snapshot = read_snapshot(snapshot_dir(args, home))
-    files = log_files(args.deletion_log)
     ledger = Ledger(home.ledger_url(settings.ledger.url), actor=f"batch {args.batch_dir.name}")
+    files = []
+
+    def logs():
+        for log in read_logs(args.deletion_log, settings.landing.s3_endpoint_url):
+            files.append(log.uri)
+            yield log
+
     counts = ledger.ingest(
-        [(str(file), file.read_bytes()) for file in files],
+        logs(),
         partial(parse_lines, max_line_bytes=settings.ledger.max_line_bytes),
         lambda received: check_against_snapshot(received, snapshot),
     )
@@ -31,7 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.batch_dir / "ingest.json",
         {
             "deletion_log": str(args.deletion_log),
-            "files": [str(file) for file in files],
+            "files": files,
             **counts.as_dict(),
         },
     )

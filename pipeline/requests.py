@@ -78,27 +78,19 @@ def describe(rejections: list[Rejection]) -> list[str]:
     return [f"rejected {r.source}:{r.line}: {r.reason}: {r.message}" for r in rejections]
 
 
-def log_files(path: Path) -> list[Path]:
-    """A log is one .jsonl file or a directory of them (read in name order)."""
-    path = Path(path)
-    if path.is_dir():
-        return sorted(p for p in path.iterdir() if p.is_file() and p.suffix in {".jsonl", ".json"})
-    if path.is_file():
-        return [path]
-    raise FileNotFoundError(f"{path}: no such deletion log file or directory")
-
-
 def _pydantic_reason(error: ValidationError) -> str:
     return "; ".join(
         f"{'.'.join(str(part) for part in item['loc']) or 'request'}: {item['msg']}" for item in error.errors()
     )
 
 
-def parse_log(path: Path, max_line_bytes: int) -> tuple[list[Received], list[Rejection]]:
+def parse_log(path: Path | str, max_line_bytes: int) -> tuple[list[Received], list[Rejection]]:
     """Every line of every file becomes a Received request or a Rejection; blank lines are skipped."""
+    from pipeline.storage import read_logs
+
     received, rejected = [], []
-    for file in log_files(path):
-        got, refused = parse_lines(str(file), file.read_bytes(), max_line_bytes)
+    for file in read_logs(path):
+        got, refused = parse_lines(file.uri, file.content, max_line_bytes)
         received += got
         rejected += refused
     return received, rejected

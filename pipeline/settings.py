@@ -137,6 +137,10 @@ class BenchSettings(_Frozen):
         return self
 
 
+class LandingSettings(_Frozen):
+    s3_endpoint_url: str | None = None  # null: boto3's own resolution (AWS_ENDPOINT_URL, profile, AWS)
+
+
 class LedgerSettings(_Frozen):
     url: str | None = None  # SQLAlchemy URL; null: SQLite under LETHE_HOME (LETHE_LEDGER_URL overrides both)
     max_failed_nights: int = Field(ge=1)
@@ -175,6 +179,7 @@ class Settings(_Frozen):
     bench: BenchSettings
     gate: GateSettings
     ledger: LedgerSettings
+    landing: LandingSettings
     mlflow: MlflowSettings
     nightly: NightlySettings
 
