@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
             {
                 "lethe.batch_id": batch_id,
                 "lethe.lineage": "unlearned",
-                "lethe.method": settings.unlearn.method,
+                "lethe.method": unlearned["method"],
                 "lethe.parent_version": str(unlearned["champion_version"]),
             },
         )

@@ -24,8 +24,12 @@ def main(argv: list[str] | None = None) -> dict:
     cli.add_argument(
         "--model", default="champion", help="'champion' (the registry's champion version) or a saved model folder"
     )
+    cli.add_argument("--method", default=None, help="override unlearn.method (the DAG's fallback passes 'retrain')")
     args = cli.parse_args(argv)
     settings, home = context(args)
+    if args.method:
+        method_named(args.method)  # an unknown name is a clear error here, not after loading the model
+        settings = settings.model_copy(update={"unlearn": settings.unlearn.model_copy(update={"method": args.method})})
     snapshot, data = batch_data(args, home, settings)
     start_dir, champion_version = args.batch_dir / CHAMPION_DIR, None
     if args.model == "champion":

@@ -86,7 +86,19 @@ def nightly_forgetting():
         return run_component("split")
 
     @task.branch
-    def drift(split_manifest: dict) -> str:
+    def route(claimed: dict) -> str:
+        """Requests that failed the gate ledger.max_failed_nights times take the fallback: retrain from scratch."""
+        if claimed["needs_retrain"]:
+            print(f"{claimed['needs_retrain']} requests failed the gate too often: retraining from scratch")
+            return "retrain"
+        return "drift"
+
+    @task
+    def retrain() -> dict:
+        return run_component("unlearn", "--model", "champion", "--method", "retrain")
+
+    @task.branch
+    def drift() -> str:
         """Circuits are re-extracted only when today's retain data has drifted, or none exist."""
         return "extract_circuits" if run_component("drift")["extract"] else "reuse_circuits"
 
@@ -99,15 +111,15 @@ def nightly_forgetting():
         print("the data has not drifted past the thresholds: reusing the cached circuits")
 
     @task(trigger_rule="none_failed_min_one_success")
-    def unlearn(split_manifest: dict) -> dict:
+    def unlearn() -> dict:
         return run_component("unlearn", "--model", "champion")
 
-    @task
-    def evaluate(unlearned: dict) -> dict:
+    @task(trigger_rule="none_failed_min_one_success")
+    def evaluate() -> dict:
         return run_component("evaluate")
 
     @task
-    def gate(evaluated: dict) -> dict:
+    def gate() -> dict:
         return run_component("gate")
 
     @task(trigger_rule="none_failed")
@@ -117,9 +129,11 @@ def nightly_forgetting():
     claimed = claim(ingest())
     split_manifest = split(claimed)
     has_new_requests(claimed) >> split_manifest
-    unlearned = unlearn(split_manifest)
-    drift(split_manifest) >> [extract_circuits(), reuse_circuits()] >> unlearned
-    gate(evaluate(unlearned)) >> report()
+    routed, circuits, evaluated = route(claimed), drift(), evaluate()
+    split_manifest >> routed >> [circuits, retrain_task := retrain()]
+    circuits >> [extract_circuits(), reuse_circuits()] >> (unlearned := unlearn())
+    [unlearned, retrain_task] >> evaluated
+    evaluated >> gate() >> report()
 
 
 dag_object = nightly_forgetting()

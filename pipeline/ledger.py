@@ -337,7 +337,7 @@ class Ledger:
             )
         return row
 
-    def claim(self, batch_id: str, states: tuple[str, ...] = ("validated", "pending_retry")) -> list[LedgerRequest]:
+    def claim(self, batch_id: str, states: tuple[str, ...] = CLAIMABLE) -> list[LedgerRequest]:
         """Move every request in `states` into this batch, atomically, and return them with any this batch holds
         already (a rerun of the same batch picks up its own requests). PostgreSQL: the rows are locked with
         FOR UPDATE SKIP LOCKED, so a second batch claiming at the same time skips them; SQLite: the transaction
@@ -386,6 +386,34 @@ class Ledger:
                 sa.insert(events_table),
                 [self._event(connection, k, "in_batch", to_state, batch_id, model_version, reason) for k in keys],
             )
+            return len(keys)
+
+    def stuck_batches(self, other_than: str) -> list[str]:
+        """Batches other than this one that still hold requests in_batch: runs that died before the ledger
+        heard their outcome (the DAG runs one batch at a time, so none of them is still running)."""
+        with self.engine.connect() as connection:
+            rows = connection.execute(
+                sa.select(requests_table.c.batch_id)
+                .where(requests_table.c.state == "in_batch", requests_table.c.batch_id != other_than)
+                .distinct()
+            )
+            return sorted(row.batch_id for row in rows)
+
+    def release(self, batch_id: str, reason: str, message: str) -> int:
+        """An interrupted batch's requests wait for the next claim; an interruption is not a failed night."""
+        with self.engine.begin() as connection:
+            condition = sa.and_(requests_table.c.batch_id == batch_id, requests_table.c.state == "in_batch")
+            keys = [row.key for row in connection.execute(sa.select(requests_table.c.key).where(condition))]
+            if keys:
+                connection.execute(
+                    sa.update(requests_table)
+                    .where(requests_table.c.key.in_(keys))
+                    .values(state="pending_retry", reason=reason, message=message, updated_at=_now())
+                )
+                connection.execute(
+                    sa.insert(events_table),
+                    [self._event(connection, k, "in_batch", "pending_retry", batch_id, reason=reason) for k in keys],
+                )
             return len(keys)
 
     def honor(self, batch_id: str, model_version: str) -> int:

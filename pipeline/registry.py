@@ -107,5 +107,20 @@ class Registry:
             version = parent
         return version
 
+    def promoted_for_batch(self, batch_id: str) -> str | None:
+        """The version a batch's gate passed and promoted (the champion or an ancestor of it), if any."""
+        champion = self.champion()
+        if champion is None:
+            return None
+        lineage, version = set(), str(champion.version)
+        while version not in lineage and version not in (None, "", "None"):
+            lineage.add(version)
+            version = self.client.get_model_version(self.model_name, version).tags.get("lethe.parent_version")
+        for candidate in lineage:
+            tags = self.client.get_model_version(self.model_name, candidate).tags
+            if tags.get("lethe.batch_id") == batch_id and tags.get("gate") == "passed":
+                return candidate
+        return None
+
     def promote(self, version: str) -> None:
         self.client.set_registered_model_alias(self.model_name, CHAMPION, version)

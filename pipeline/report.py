@@ -27,6 +27,8 @@ def summarize(batch_id: str, manifests: dict[str, dict]) -> dict:
         "requests_needs_retrain": outcome.get("needs_retrain", 0),
         "requests_rejected": len(rejections),
         "requests_duplicate": ingest.get("duplicates", 0),
+        # requests that failed the gate ledger.max_failed_nights times: this batch retrained from scratch for them
+        "retrain_fallback": claim.get("needs_retrain_ids", []),
         "rejections": rejections,
         "gate": gate["gate"] if gate else "skipped",
         "gate_reasons": gate["reasons"] if gate else ["no new valid requests: nothing to unlearn"],
@@ -86,10 +88,15 @@ def render_html(summary: dict, plot_name: str | None) -> str:
         row("gate", summary["gate"]),
         row("model version", summary["model_version"]),
         row(
-            "requests received / honored / pending / rejected",
-            f"{summary['requests_total']} / {summary['requests_honored']} / {summary['requests_pending']} / "
-            f"{summary['requests_rejected']}",
+            "requests received / quarantined / duplicates",
+            f"{summary['requests_total']} / {summary['requests_rejected']} / {summary['requests_duplicate']}",
         ),
+        row(
+            "this batch: claimed / honored / pending retry / need a retrain",
+            f"{summary['requests_claimed']} / {summary['requests_honored']} / {summary['requests_pending']} / "
+            f"{summary['requests_needs_retrain']}",
+        ),
+        row("retrained from scratch for", ", ".join(summary["retrain_fallback"]) or "none"),
         row("NDCG@10 before -> after", f"{summary['ndcg10_before']} -> {summary['ndcg10_after']}"),
         row("MIA AUC before (95% CI)", interval(summary["mia_auc_before_by_attack"])),
         row("MIA AUC after (95% CI)", interval(summary["mia_auc_after_by_attack"])),
@@ -107,7 +114,7 @@ def render_html(summary: dict, plot_name: str | None) -> str:
         "<!doctype html><html><head><meta charset='utf-8'><title>Lethe batch report</title></head><body>"
         f"<h1>Lethe batch {html.escape(summary['batch_id'])}</h1><table>{''.join(rows)}</table>"
         f"<h2>Gate reasons</h2><ul>{reasons or '<li>all gates passed</li>'}</ul>"
-        f"<h2>Rejected requests</h2><ul>{rejected or '<li>none</li>'}</ul>{image}"
+        f"<h2>Quarantined requests</h2><ul>{rejected or '<li>none</li>'}</ul>{image}"
         "<p>An AUC of 0.5 means the forgotten users look exactly like users the model never saw. "
         "With few forgotten users the interval is wide: read it before the point estimate.</p></body></html>"
     )

@@ -33,16 +33,19 @@ def test_steps_run_in_order(dag):
         return sorted(dag.get_task(task_id).downstream_task_ids)
 
     assert downstream("ingest") == ["claim"]
-    assert downstream("claim") == ["has_new_requests", "split"]
+    assert downstream("claim") == ["has_new_requests", "route", "split"]
     assert downstream("has_new_requests") == ["split"]
-    assert downstream("split") == ["drift", "unlearn"]
+    assert downstream("split") == ["route"]
+    assert downstream("route") == ["drift", "retrain"]
     assert downstream("drift") == ["extract_circuits", "reuse_circuits"]
     assert downstream("extract_circuits") == downstream("reuse_circuits") == ["unlearn"]
-    assert [downstream(t) for t in ("unlearn", "evaluate", "gate")] == [["evaluate"], ["gate"], ["report"]]
+    assert downstream("unlearn") == downstream("retrain") == ["evaluate"]
+    assert [downstream(t) for t in ("evaluate", "gate")] == [["gate"], ["report"]]
 
 
-def test_unlearn_joins_the_circuit_branch(dag):
+def test_the_joins_after_branches_run_when_one_branch_ran(dag):
     assert dag.get_task("unlearn").trigger_rule == "none_failed_min_one_success"
+    assert dag.get_task("evaluate").trigger_rule == "none_failed_min_one_success"
 
 
 def test_report_runs_after_a_short_circuit_but_not_after_a_failure(dag):
