@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 
 from components._common import context, entry_point, parser
+from pipeline.contracts import DeletionLogContract
 from pipeline.data import read_snapshot
 from pipeline.ledger import Ledger
-from pipeline.requests import check_against_snapshot, parse_lines
+from pipeline.requests import parse_lines
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
         counts = ledger.ingest(
             [("bench.jsonl", content)],
             partial(parse_lines, max_line_bytes=settings.ledger.max_line_bytes),
-            lambda received: check_against_snapshot(received, snapshot),
+            DeletionLogContract(snapshot),
         )
         seconds = time.perf_counter() - started
         ledger.dispose()

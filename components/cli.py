@@ -176,15 +176,16 @@ def ingest(args: argparse.Namespace) -> int:
     """Parse, check against the data snapshot and record every request of a log; print JSON counts."""
     from functools import partial
 
+    from pipeline.contracts import DeletionLogContract
     from pipeline.data import read_snapshot
-    from pipeline.requests import check_against_snapshot, parse_lines
+    from pipeline.requests import parse_lines
     from pipeline.storage import read_logs
 
     ledger, settings, home = open_ledger(args)
     snapshot = read_snapshot(args.snapshot or home.snapshot)
     files = read_logs(args.source, settings.landing.s3_endpoint_url)
     parse = partial(parse_lines, max_line_bytes=settings.ledger.max_line_bytes)
-    counts = ledger.ingest(files, parse, lambda received: check_against_snapshot(received, snapshot))
+    counts = ledger.ingest(files, parse, DeletionLogContract(snapshot, settings.ledger.max_clock_skew_s))
     print(json.dumps(counts.as_dict()))
     return 0
 

@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> dict:
         for name in ("ingest", "claim", "split", "drift", "extract_circuits", "unlearn", "evaluate"):
             if (args.batch_dir / f"{name}.json").exists():
                 mlflow.log_artifact(str(args.batch_dir / f"{name}.json"), artifact_path="manifests")
+        if (args.batch_dir / "contracts").exists():  # Great Expectations results: deletion log and split
+            mlflow.log_artifacts(str(args.batch_dir / "contracts"), artifact_path="contracts")
         model_uri = registry.log_recommender(args.batch_dir / CANDIDATE_DIR)
         figures = {
             "ndcg10": f"{after['ndcg10']:.5f}",

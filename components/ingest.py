@@ -3,12 +3,14 @@ quarantined with a reason; a file ingested before is skipped whole. Writes the b
 
 from __future__ import annotations
 
+import json
 from functools import partial
 
 from components._common import batch_arguments, context, entry_point, parser, snapshot_dir, write_manifest
+from pipeline.contracts import DeletionLogContract
 from pipeline.data import read_snapshot
 from pipeline.ledger import Ledger
-from pipeline.requests import check_against_snapshot, parse_lines
+from pipeline.requests import parse_lines
 from pipeline.storage import read_logs
 
 
@@ -19,6 +21,7 @@ def main(argv: list[str] | None = None) -> dict:
     settings, home = context(args)
     snapshot = read_snapshot(snapshot_dir(args, home))
     ledger = Ledger(home.ledger_url(settings.ledger.url), actor=f"batch {args.batch_dir.name}")
+    contract = DeletionLogContract(snapshot, settings.ledger.max_clock_skew_s)
     files = []
 
     def logs():
@@ -29,8 +32,10 @@ def main(argv: list[str] | None = None) -> dict:
     counts = ledger.ingest(
         logs(),
         partial(parse_lines, max_line_bytes=settings.ledger.max_line_bytes),
-        lambda received: check_against_snapshot(received, snapshot),
+        contract,
     )
+    (args.batch_dir / "contracts").mkdir(parents=True, exist_ok=True)  # GX's own results, for the audit
+    (args.batch_dir / "contracts" / "deletion_log.json").write_text(json.dumps(contract.results, default=str))
     for entry in counts.quarantine:
         print(f"quarantined {entry['source']}:{entry['line']}: {entry['reason']}: {entry['message']}")
     return write_manifest(

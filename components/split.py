@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 import pandas as pd
 
 from components._common import batch_arguments, context, entry_point, load_snapshot, parser, write_manifest
 from components.claim import read_claimed
+from pipeline.contracts import check_split
 from pipeline.data import Snapshot, content_hash
 from pipeline.settings import Home, Settings
-from pipeline.splits import ROLES, UnlearningData, build_split, check_split, unlearning_data
+from pipeline.splits import ROLES, UnlearningData, build_split, unlearning_data
 
 SPLIT_FILE = "split.parquet"
 
@@ -27,9 +29,9 @@ def main(argv: list[str] | None = None) -> dict:
     snapshot = load_snapshot(args, home, settings)
     requests = read_claimed(args.batch_dir)
     split = build_split(snapshot, requests)
-    problems = check_split(split, requests)
-    if problems:
-        raise ValueError("split failed its checks: " + "; ".join(problems))
+    contract = check_split(split, requests, len(snapshot.interactions))  # raises on a violation
+    (args.batch_dir / "contracts").mkdir(parents=True, exist_ok=True)
+    (args.batch_dir / "contracts" / "split.json").write_text(json.dumps(contract, indent=1, default=str))
     split.to_parquet(args.batch_dir / SPLIT_FILE, index=False)
     forget = split[split.role == "forget"]
     return write_manifest(

@@ -14,9 +14,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
-from pipeline.data import Snapshot
-from pipeline.pii import user_key
-
 
 class DeletionRequest(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -126,32 +123,3 @@ def parse_lines(source: str, content: bytes, max_line_bytes: int) -> tuple[list[
         except ValidationError as error:
             rejected.append(Rejection(source, number, "invalid_request", _pydantic_reason(error), request_id))
     return received, rejected
-
-
-def check_against_snapshot(
-    received: list[Received], snapshot: Snapshot, now: datetime | None = None
-) -> tuple[list[Received], list[Rejection]]:
-    """Referential checks: known user, items in that user's history, request ids unique, not from the future.
-    Messages name users by keyed hash only: they end up in reports and the MLflow run."""
-    now = now or datetime.now(UTC)
-    histories = snapshot.interactions.groupby("user_id").item_id.agg(set).to_dict()
-    valid, rejected, seen_ids = [], [], set()
-    for entry in received:
-        request = entry.request
-
-        def reject(reason: str, message: str, entry: Received = entry) -> None:
-            rejected.append(Rejection(entry.source, entry.line, reason, message, entry.request.request_id))
-
-        if request.received_at > now:
-            reject("future_timestamp", f"received_at {request.received_at.isoformat()} is later than now")
-        elif request.request_id in seen_ids:
-            reject("duplicate_request_id", f"request id {request.request_id!r} appears more than once")
-        elif request.user_id not in histories:
-            reject("unknown_user", f"user {user_key(request.user_id)} (keyed hash) is not in the data snapshot")
-        elif request.scope == "interactions" and not set(request.item_ids) <= histories[request.user_id]:
-            missing = sorted(set(request.item_ids) - histories[request.user_id])
-            reject("unknown_items", f"items {missing[:10]} are not in the history of user {user_key(request.user_id)}")
-        else:
-            valid.append(entry)
-        seen_ids.add(request.request_id)
-    return valid, rejected

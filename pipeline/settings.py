@@ -145,6 +145,7 @@ class LedgerSettings(_Frozen):
     url: str | None = None  # SQLAlchemy URL; null: SQLite under LETHE_HOME (LETHE_LEDGER_URL overrides both)
     max_failed_nights: int = Field(ge=1)
     max_line_bytes: int = Field(ge=256)
+    max_clock_skew_s: float = Field(ge=0.0)
 
 
 class GateSettings(_Frozen):

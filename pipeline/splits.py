@@ -36,23 +36,6 @@ def build_split(snapshot: Snapshot, requests: list[DeletionRequest]) -> pd.DataF
     return frame
 
 
-def check_split(split: pd.DataFrame, requests: list[DeletionRequest]) -> list[str]:
-    """Invariants that must hold before any model is touched; returns the violations."""
-    problems = []
-    if not split.role.isin(ROLES).all():
-        problems.append(f"unknown roles: {sorted(set(split.role) - set(ROLES))}")
-    keys = split.user_id.astype(str) + ":" + split.item_id.astype(str)
-    if keys.duplicated().any():
-        problems.append("an interaction appears twice")
-    for request in requests:
-        rows = split[split.user_id == request.user_id]
-        if request.scope == "user" and rows.member.all() and not (rows.role == "forget").all():
-            problems.append(f"request {request.request_id}: not every interaction of the user is in the forget set")
-        if request.scope == "user" and (rows.role.isin(["retain", "non_member"])).any():
-            problems.append(f"request {request.request_id}: a deleted user is still in retain or the reference")
-    return problems
-
-
 @dataclass(frozen=True)
 class UnlearningData:
     """Token sequences derived from a split, in the shape the model and the attacks need."""

@@ -127,7 +127,9 @@ def test_the_batch_run_carries_the_evidence(workspace):
     assert run.data.params["unlearn.method"] == "grad_diff"
     assert "after.ndcg10" in run.data.metrics and "after.mia_auc.minkpp" in run.data.metrics
     logged = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"summary.json", "report", "manifests"} <= logged
+    assert {"summary.json", "report", "manifests", "contracts"} <= logged
+    contracts = {a.path for a in client.list_artifacts(run.info.run_id, "contracts")}
+    assert contracts == {"contracts/deletion_log.json", "contracts/split.json"}
     manifests = {a.path for a in client.list_artifacts(run.info.run_id, "manifests")}
     assert "manifests/split.json" in manifests
 

@@ -12,8 +12,9 @@ from functools import partial
 
 import pytest
 
+from pipeline.contracts import DeletionLogContract
 from pipeline.ledger import Ledger
-from pipeline.requests import check_against_snapshot, parse_lines
+from pipeline.requests import parse_lines
 
 MAX_LINE = 65536
 
@@ -109,7 +110,7 @@ def test_bad_input_is_quarantined_with_a_reason_and_the_books_balance(name, peop
     counts = ledger.ingest(
         [(f"{name}-{n}.jsonl", content) for n, content in enumerate(files)],
         parse,
-        lambda received: check_against_snapshot(received, snapshot),
+        DeletionLogContract(snapshot),
     )
     quarantined = {}
     for state_entry in _all_entries(ledger):
@@ -141,7 +142,7 @@ def test_a_hundred_thousand_requests_in_one_file(people, snapshot, tmp_path):
     counts = ledger.ingest(
         [("bulk.jsonl", content)],
         partial(parse_lines, max_line_bytes=MAX_LINE),
-        lambda received: check_against_snapshot(received, snapshot),
+        DeletionLogContract(snapshot),
     )
     assert (counts.received, counts.validated, counts.quarantined) == (100_000, 100_000, 0)
     assert ledger.counts()["validated"] == 100_000

@@ -11,9 +11,10 @@ from functools import partial
 import pytest
 import sqlalchemy as sa
 
+from pipeline.contracts import DeletionLogContract
 from pipeline.ledger import STATES, Ledger
 from pipeline.pii import PiiKeyMissing, user_key
-from pipeline.requests import check_against_snapshot, parse_lines
+from pipeline.requests import parse_lines
 
 parse_file = partial(parse_lines, max_line_bytes=65536)
 POSTGRES = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
@@ -181,9 +182,7 @@ def test_referential_checks_quarantine_with_a_reason(ledger_url, snapshot):
         + line("items", member, "interactions", [history[0], 10**9])
         + line("later", member, received_at="2999-01-01T00:00:00Z")
     )
-    counts = ledger.ingest(
-        [("log.jsonl", content)], parse_file, lambda received: check_against_snapshot(received, snapshot)
-    )
+    counts = ledger.ingest([("log.jsonl", content)], parse_file, DeletionLogContract(snapshot))
     assert (counts.validated, counts.quarantined) == (1, 3)
     reasons = {rid: ledger.history(rid)["entries"][0]["reason"] for rid in ("ghost", "items", "later")}
     assert reasons == {"ghost": "unknown_user", "items": "unknown_items", "later": "future_timestamp"}

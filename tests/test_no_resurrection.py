@@ -7,9 +7,10 @@ from datetime import UTC, datetime
 
 from components import prepare, train
 from components._common import load_snapshot
+from pipeline.contracts import DeletionLogContract
 from pipeline.data import read_snapshot
 from pipeline.ledger import Ledger
-from pipeline.requests import DeletionRequest, check_against_snapshot, parse_lines
+from pipeline.requests import DeletionRequest, parse_lines
 from pipeline.settings import Home, load_settings
 from tests.conftest import write_params
 
@@ -20,7 +21,7 @@ def honor(home: Home, settings, snapshot, requests: list[dict]) -> None:
     counts = ledger.ingest(
         [("deletions.jsonl", content)],
         lambda uri, data: parse_lines(uri, data, 65536),
-        lambda received: check_against_snapshot(received, snapshot),
+        DeletionLogContract(snapshot),
     )
     assert counts.validated == len(requests), counts.quarantine
     ledger.claim("night-1")

@@ -3,7 +3,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from pipeline.requests import DeletionRequest, Received, check_against_snapshot, parse_log
+from pipeline.contracts import DeletionLogContract
+from pipeline.requests import DeletionRequest, Received, parse_log
 
 NOW = "2026-11-21T22:00:00+00:00"
 
@@ -32,7 +33,7 @@ def test_bad_lines_are_rejected_with_file_line_and_reason_and_the_rest_goes_on(t
     assert [(r.line, r.reason) for r in rejected] == [(2, "malformed_json"), (4, "invalid_request")]
     assert all(r.source == str(log) for r in rejected)
     assert "scope" in rejected[1].message and rejected[1].request_id == "bad-scope"
-    valid, unknown = check_against_snapshot(received, snapshot)
+    valid, unknown = DeletionLogContract(snapshot)(received)
     assert [v.request.request_id for v in valid] == ["ok-1", "ok-2"]
     assert [(u.line, u.reason, u.request_id) for u in unknown] == [(3, "unknown_user", "unknown-user")]
 
@@ -91,14 +92,30 @@ def test_referential_checks(snapshot):
         request = DeletionRequest(request_id=request_id, user_id=user, received_at=datetime.now(UTC), **fields)
         return Received(request, "log.jsonl", 1)
 
-    valid, rejected = check_against_snapshot(
+    valid, rejected = DeletionLogContract(snapshot)(
         [
             received("items-ok", scope="interactions", item_ids=history[:2]),
             received("items-bad", scope="interactions", item_ids=[history[0], stranger_item]),
             received("items-ok", scope="user"),
         ],
-        snapshot,
     )
     assert [v.request.request_id for v in valid] == ["items-ok"]
     assert [r.reason for r in rejected] == ["unknown_items", "duplicate_request_id"]
     assert f"user {user}" not in " ".join(r.message for r in rejected)  # reports name users by keyed hash only
+
+
+def test_the_contract_results_keep_counts_and_rows_but_no_user_ids(snapshot):
+    import json as _json
+
+    member = int(snapshot.members[0])
+    contract = DeletionLogContract(snapshot)
+    entries = [
+        Received(DeletionRequest(request_id=f"r{n}", user_id=user, scope="user", received_at=datetime.now(UTC)),
+                 "log.jsonl", n)
+        for n, user in enumerate([member, 987_654_321], start=1)
+    ]  # fmt: skip
+    valid, rejected = contract(entries)
+    assert [v.request.request_id for v in valid] == ["r1"] and [r.reason for r in rejected] == ["unknown_user"]
+    stored = _json.dumps(contract.results, default=str)
+    assert contract.results[0]["success"] is False and '"unexpected_index_list": [1]' in stored
+    assert "987654321" not in stored

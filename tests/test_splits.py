@@ -1,7 +1,10 @@
 from datetime import UTC, datetime
 
+import pytest
+
+from pipeline.contracts import ContractViolation, check_split
 from pipeline.requests import DeletionRequest
-from pipeline.splits import build_split, check_split, unlearning_data
+from pipeline.splits import build_split, unlearning_data
 
 
 def request(request_id, user, **fields):
@@ -12,7 +15,7 @@ def test_user_scope_forgets_everything_of_that_user(snapshot):
     user = snapshot.members[0]
     requests = [request("r", user, scope="user")]
     split = build_split(snapshot, requests)
-    assert check_split(split, requests) == []
+    assert check_split(split, requests, len(snapshot.interactions))["success"]
     assert set(split[split.user_id == user].role) == {"forget"}
     assert set(split[split.user_id != user].role) == {"retain", "non_member"}
     data = unlearning_data(snapshot, split)
@@ -28,7 +31,7 @@ def test_interaction_scope_forgets_only_the_listed_items(snapshot):
     listed = train_items[:3]
     requests = [request("r", user, scope="interactions", item_ids=listed)]
     split = build_split(snapshot, requests)
-    assert check_split(split, requests) == []
+    assert check_split(split, requests, len(snapshot.interactions))["success"]
     assert sorted(split[split.role == "forget"].item_id) == sorted(listed)
     data = unlearning_data(snapshot, split)
     assert sum(data.forget_scored[user]) == 3
@@ -45,11 +48,15 @@ def test_a_non_member_asking_to_be_forgotten_leaves_the_reference(snapshot):
     assert data.forgotten_users == [] and int(stranger) not in data.non_members
 
 
-def test_check_split_catches_a_leaked_user(snapshot):
+def test_the_split_contract_catches_a_leaked_user_a_lost_row_and_a_twice_seen_interaction(snapshot):
     user = snapshot.members[0]
     requests = [request("r", user, scope="user")]
     split = build_split(snapshot, requests)
-    split.loc[split[split.user_id == user].index[0], "role"] = "retain"
-    problems = check_split(split, requests)
-    assert any("not every interaction" in p for p in problems)
-    assert any("still in retain" in p for p in problems)
+    leaked = split.copy()
+    leaked.loc[leaked[leaked.user_id == user].index[0], "role"] = "retain"
+    with pytest.raises(ContractViolation, match="must_forget.*1 rows.*whole_user.*1 rows"):
+        check_split(leaked, requests, len(snapshot.interactions))
+    with pytest.raises(ContractViolation, match="expect_table_row_count_to_equal"):
+        check_split(split.iloc[1:], requests, len(snapshot.interactions))
+    with pytest.raises(ContractViolation, match="expect_compound_columns_to_be_unique"):
+        check_split(split.iloc[[0, 0, *range(2, len(split))]], requests, len(snapshot.interactions))
