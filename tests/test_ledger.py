@@ -217,3 +217,14 @@ def test_an_interrupted_batch_is_released_without_counting_a_failed_night(ledger
     claimed = ledger.claim("tonight")
     assert {r.request_id for r in claimed} == {"a", "b"} and all(r.failed_nights == 0 for r in claimed)
     assert ledger.history("a")["entries"][0]["events"][-2]["reason"] == "interrupted"
+
+
+def test_a_corrected_resubmission_with_a_new_id_goes_through(ledger_url, snapshot):
+    ledger = Ledger(ledger_url)
+    member = int(snapshot.members[0])
+    check = DeletionLogContract(snapshot)
+    wrong = ledger.ingest([("monday.jsonl", line("req-7", member + 10**9))], parse_file, check)
+    assert wrong.quarantined == 1 and ledger.history("req-7")["entries"][0]["reason"] == "unknown_user"
+    fixed = ledger.ingest([("tuesday.jsonl", line("req-7-fixed", member))], parse_file, check)
+    assert fixed.validated == 1 and [r.request_id for r in ledger.claim("night")] == ["req-7-fixed"]
+    assert ledger.history("req-7")["entries"][0]["state"] == "quarantined"  # the record of the bad one stays
