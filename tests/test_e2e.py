@@ -36,7 +36,10 @@ def lethe(home: Path, params: Path, *args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("nightly")
-    home, params = root / ".lethe", write_params(root / "params.yaml")
+    # A lenient gate: on the tiny config ~220 test users put NDCG@10's noise near 10%, and these tests are about
+    # the mechanics after a promotion (a rejected night and the fallback have their own tests).
+    gate = {"gate.max_ndcg_drop": 0.5, "gate.min_leakage_auc": 0.3, "gate.max_leakage_auc": 0.7}
+    home, params = root / ".lethe", write_params(root / "params.yaml", **gate)
     sample = lethe(home, params, "sample-log", "--out", str(root / "sample.jsonl"))
     assert sample.returncode == 0, sample.stderr
     snapshot = read_snapshot(home / "data" / "snapshot")
