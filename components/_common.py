@@ -56,7 +56,7 @@ def load_snapshot(args: argparse.Namespace, home: Home, settings: Settings):
     so that no forgotten user or interaction comes back through a later retrain or batch."""
     from pipeline.data import read_snapshot
 
-    snapshot = read_snapshot(args.snapshot if getattr(args, "snapshot", None) is not None else home.snapshot)
+    snapshot = read_snapshot(snapshot_dir(args, home))
     return snapshot.excluding(*forgotten(settings, home, snapshot.interactions.user_id.unique()))
 
 

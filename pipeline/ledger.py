@@ -20,7 +20,7 @@ import hashlib
 import os
 import socket
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -36,7 +36,6 @@ from pipeline.requests import DeletionRequest, Rejection
 MIGRATIONS = Path(__file__).resolve().parent / "ledger_migrations"
 STATES = ("received", "validated", "quarantined", "in_batch", "honored", "pending_retry", "needs_retrain")
 CLAIMABLE = ("validated", "pending_retry", "needs_retrain")
-OPEN = ("received", "validated", "in_batch", "pending_retry", "needs_retrain")
 
 metadata = sa.MetaData()
 requests_table = sa.Table(
@@ -129,14 +128,7 @@ class IngestCounts:
     quarantine: list[dict] = field(default_factory=list)  # this ingest's quarantined lines: the batch's report
 
     def as_dict(self) -> dict:
-        return {
-            "received": self.received,
-            "validated": self.validated,
-            "quarantined": self.quarantined,
-            "duplicates": self.duplicates,
-            "files_skipped": self.files_skipped,
-            "quarantine": self.quarantine,
-        }
+        return asdict(self)
 
 
 class Ledger:
@@ -188,7 +180,7 @@ class Ledger:
         return ScriptDirectory.from_config(config).get_current_head()
 
     # -- writes -----------------------------------------------------------------------------------
-    def _event(self, connection, key, from_state, to_state, batch_id=None, model_version=None, reason=None) -> dict:
+    def _event(self, key, from_state, to_state, batch_id=None, model_version=None, reason=None) -> dict:
         return {
             "request_key": key,
             "from_state": from_state,
@@ -226,8 +218,8 @@ class Ledger:
                 for entry in valid:
                     rows.append(self._row(entry.request, key, "validated", entry.source, entry.line))
                     events += [
-                        self._event(connection, rows[-1]["key"], None, "received"),
-                        self._event(connection, rows[-1]["key"], "received", "validated"),
+                        self._event(rows[-1]["key"], None, "received"),
+                        self._event(rows[-1]["key"], "received", "validated"),
                     ]
                 by_line = {(e.source, e.line): e.request for e in received}
                 for rejection in [*rejected, *refused]:
@@ -235,8 +227,8 @@ class Ledger:
                     row = self._quarantine_row(rejection, request, key, digest)
                     rows.append(row)
                     events += [
-                        self._event(connection, row["key"], None, "received"),
-                        self._event(connection, row["key"], "received", "quarantined", reason=rejection.reason),
+                        self._event(row["key"], None, "received"),
+                        self._event(row["key"], "received", "quarantined", reason=rejection.reason),
                     ]
                 if rows:
                     connection.execute(sa.insert(requests_table), rows)
@@ -364,11 +356,15 @@ class Ledger:
                     )
                 connection.execute(
                     sa.insert(events_table),
-                    [self._event(connection, row.key, row.state, "in_batch", batch_id=batch_id) for row in rows],
+                    [self._event(row.key, row.state, "in_batch", batch_id=batch_id) for row in rows],
                 )
         return [_as_request(row, state="in_batch") for row in [*held, *rows]]
 
-    def _finish(self, batch_id: str, to_state: str, model_version=None, reason=None, message=None, where=None) -> int:
+    def _finish(
+        self, batch_id: str, to_state: str, model_version=None, reason=None, message=None, where=None, failed=True
+    ) -> int:
+        """Move this batch's in_batch requests (those matching `where`, if given) to `to_state`, with events;
+        `failed` counts the night against them (ledger.max_failed_nights)."""
         with self.engine.begin() as connection:
             condition = sa.and_(requests_table.c.batch_id == batch_id, requests_table.c.state == "in_batch")
             if where is not None:
@@ -379,12 +375,12 @@ class Ledger:
             values = {"state": to_state, "updated_at": _now(), "reason": reason, "message": message}
             if model_version is not None:
                 values["model_version"] = model_version
-            if to_state != "honored":
+            if failed:
                 values["failed_nights"] = requests_table.c.failed_nights + 1
             connection.execute(sa.update(requests_table).where(requests_table.c.key.in_(keys)).values(**values))
             connection.execute(
                 sa.insert(events_table),
-                [self._event(connection, k, "in_batch", to_state, batch_id, model_version, reason) for k in keys],
+                [self._event(k, "in_batch", to_state, batch_id, model_version, reason) for k in keys],
             )
             return len(keys)
 
@@ -401,24 +397,11 @@ class Ledger:
 
     def release(self, batch_id: str, reason: str, message: str) -> int:
         """An interrupted batch's requests wait for the next claim; an interruption is not a failed night."""
-        with self.engine.begin() as connection:
-            condition = sa.and_(requests_table.c.batch_id == batch_id, requests_table.c.state == "in_batch")
-            keys = [row.key for row in connection.execute(sa.select(requests_table.c.key).where(condition))]
-            if keys:
-                connection.execute(
-                    sa.update(requests_table)
-                    .where(requests_table.c.key.in_(keys))
-                    .values(state="pending_retry", reason=reason, message=message, updated_at=_now())
-                )
-                connection.execute(
-                    sa.insert(events_table),
-                    [self._event(connection, k, "in_batch", "pending_retry", batch_id, reason=reason) for k in keys],
-                )
-            return len(keys)
+        return self._finish(batch_id, "pending_retry", reason=reason, message=message, failed=False)
 
     def honor(self, batch_id: str, model_version: str) -> int:
         """The batch's model was promoted: its requests are honored by that model version."""
-        return self._finish(batch_id, "honored", model_version=str(model_version))
+        return self._finish(batch_id, "honored", model_version=str(model_version), failed=False)
 
     def fail(self, batch_id: str, reason: str, message: str, max_failed_nights: int) -> dict[str, int]:
         """The batch was rejected: its requests wait for the next night, or need a retrain after too many."""
