@@ -75,7 +75,9 @@ def main(argv: list[str] | None = None) -> dict:
                             {
                                 k: float(v)
                                 for k, v in row.items()
-                                if isinstance(v, int | float) and k not in ("deletion_rate", "seed")
+                                if isinstance(v, int | float)
+                                and not isinstance(v, bool)
+                                and k not in ("deletion_rate", "seed")
                             }
                         )
                     print(
@@ -84,7 +86,17 @@ def main(argv: list[str] | None = None) -> dict:
                     )
                 rows.extend(batch_rows)
                 if setting.scope == "user" and setting.deletion_rate == bench.floor_rate or single:
-                    floors.append(retrain_floor(base, extras["data"], settings, setting, seed, extras["retrained"]))
+                    floors.append(
+                        retrain_floor(
+                            base,
+                            extras["data"],
+                            settings,
+                            setting,
+                            seed,
+                            extras["retrained"],
+                            extras["retrain_per_user"],
+                        )
+                    )
         stability = circuit_stability(base, snapshot, settings, seeds if len(seeds) > 1 else [seeds[0], seeds[0] + 1])
         summary = summarise(rows)
         args.out.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,17 @@ from transformers import LlamaForCausalLM
 
 from pipeline.circuits import Circuits, circuits_for, jaccard
 from pipeline.data import FIRST_ITEM_TOKEN, Snapshot
-from pipeline.evaluate import ndcg_at, rank_users, utility_metrics
+from pipeline.evaluate import (
+    ATTACKS,
+    auc,
+    bootstrap_auc,
+    bootstrap_mean,
+    ndcg_at,
+    paired_auc_difference,
+    paired_ratio,
+    rank_users,
+    utility_metrics,
+)
 from pipeline.model import IGNORE, make_windows
 from pipeline.requests import DeletionRequest
 from pipeline.settings import Settings
@@ -123,18 +133,57 @@ def memorisation_ndcg(model: LlamaForCausalLM, data: UnlearningData, max_len: in
     return float(ndcg_at(ranks, 10).mean())
 
 
-def measure(model: LlamaForCausalLM, data: UnlearningData, probe: LeakageProbe, settings: Settings) -> dict:
+def measure(
+    model: LlamaForCausalLM, data: UnlearningData, probe: LeakageProbe, settings: Settings
+) -> tuple[dict, dict]:
+    """A row's point figures, and the per-user values behind them (for intervals and paired comparisons)."""
     max_len, batch = settings.model.max_len, settings.eval.batch_size
     users = sorted(data.eval_targets)
     logits_ranks = rank_users(model, data.eval_histories, data.eval_targets, max_len, batch)
-    utility = utility_metrics(np.array([logits_ranks[u] for u in users]), (10,))
-    aucs = probe.point(model)
-    return {
+    ranks = np.array([logits_ranks[u] for u in users])
+    utility = utility_metrics(ranks, (10,))
+    scores = probe.scores(model)
+    per_user = {
+        "ndcg10": ndcg_at(ranks, 10),
+        **{
+            attack: (
+                np.array([scores[attack][u] for u in probe.forgotten]),
+                np.array([scores[attack][u] for u in probe.non_members]),
+            )
+            for attack in ATTACKS
+        },
+    }
+    figures = {
         "ndcg10_retain": utility["ndcg10"],
         "hr10_retain": utility["hr10"],
         "ndcg10_forget_train": memorisation_ndcg(model, data, max_len, batch),
-        **{f"mia_auc_{attack}": value for attack, value in aucs.items()},
+        **{f"mia_auc_{attack}": auc(*per_user[attack]) for attack in ATTACKS},
     }
+    return figures, per_user
+
+
+def intervals(per_user: dict, retrain_per_user: dict, settings: Settings, seed: int) -> dict:
+    """95% intervals over users (bootstrap) for a row, and its paired comparison with retrain on the same users:
+    the NDCG@10 ratio and, per attack, the AUC difference."""
+    config = settings.eval
+    samples, confidence = config.bootstrap_samples, config.confidence
+
+    def pair(estimate) -> list[float]:
+        return [estimate.low, estimate.high]
+
+    figures = {
+        "ndcg10_retain_ci": pair(bootstrap_mean(per_user["ndcg10"], samples, confidence, seed)),
+        "ndcg10_vs_retrain": paired_ratio(per_user["ndcg10"], retrain_per_user["ndcg10"], samples, confidence, seed),
+    }
+    for attack in ATTACKS:
+        figures[f"mia_auc_{attack}_ci"] = pair(bootstrap_auc(*per_user[attack], samples, confidence, seed))
+        figures[f"mia_auc_{attack}_minus_retrain"] = paired_auc_difference(
+            *per_user[attack], *retrain_per_user[attack], samples, confidence, seed
+        )
+    for key in ["ndcg10_vs_retrain", *(f"mia_auc_{a}_minus_retrain" for a in ATTACKS)]:
+        estimate = figures.pop(key)
+        figures[key], figures[f"{key}_ci"] = estimate.value, pair(estimate)
+    return figures
 
 
 def run_method(
@@ -152,20 +201,25 @@ def run_method(
 def benchmark_setting(
     base: LlamaForCausalLM, snapshot: Snapshot, settings: Settings, setting: Setting, seed: int, methods: list[str]
 ) -> tuple[list[dict], dict]:
-    """All methods on one deletion batch; returns the rows and what the floor and stability need."""
+    """All methods on one deletion batch; returns the rows and what the floor and stability need.
+
+    The first row, `original`, is the model before unlearning: the utility every method starts from and
+    the leakage it has to remove. Its wall time is zero and it has no speed-up."""
     data = unlearning_data(snapshot, build_split(snapshot, deletion_requests(snapshot, setting, seed)))
     probe, max_len = LeakageProbe(data, settings), settings.model.max_len
     seeded = settings.model_copy(update={"seed": seed})
     retrained, retrain_wall, retrain_mem, _ = run_method("retrain", base, data, seeded)
-    retrain_figures = measure(retrained, data, probe, settings)
+    retrain_figures, retrain_per_user = measure(retrained, data, probe, settings)
     retrain_dist = next_item_distributions(retrained, data, max_len)
-    rows, extras = [], {"data": data, "retrained": retrained}
-    for name in methods:
+    rows, extras = [], {"data": data, "retrained": retrained, "retrain_per_user": retrain_per_user}
+    for name in ["original", *methods]:
         if name == "retrain":
             model, wall, memory, circuits = retrained, retrain_wall, retrain_mem, None
+        elif name == "original":
+            model, wall, memory, circuits = base, 0.0, None, None
         else:
             model, wall, memory, circuits = run_method(name, base, data, seeded)
-        figures = measure(model, data, probe, settings)
+        figures, per_user = measure(model, data, probe, settings)
         log.info("%s: %.1fs, ndcg10 %.4f, auc loss %.3f", name, wall, figures["ndcg10_retain"], figures["mia_auc_loss"])
         if circuits is not None:
             extras["circuits"] = circuits
@@ -174,8 +228,9 @@ def benchmark_setting(
             **figures,
             "privleak": (figures["mia_auc_loss"] - retrain_figures["mia_auc_loss"]) / retrain_figures["mia_auc_loss"],
             "jsd_to_retrain": jensen_shannon(next_item_distributions(model, data, max_len), retrain_dist),
-            "wall_s": wall, "speedup_vs_retrain": retrain_wall / wall, "peak_mem_mb": memory,
+            "wall_s": wall, "speedup_vs_retrain": retrain_wall / wall if wall else None, "peak_mem_mb": memory,
             "forgotten_users": len(data.forgotten_users), "eval_users": len(data.eval_targets),
+            **intervals(per_user, retrain_per_user, settings, seed),
         })  # fmt: skip
     return rows, extras
 
@@ -187,17 +242,21 @@ def retrain_floor(
     setting: Setting,
     seed: int,
     first: LlamaForCausalLM,
+    first_per_user: dict,
 ) -> dict:
-    """Two retrains of the same batch that differ only in their seed: the divergence no method can beat."""
+    """Two retrains of the same batch that differ only in their seed: the divergence no method can beat,
+    and how far apart their utility and leakage land by chance alone."""
     other_settings = settings.model_copy(update={"seed": seed + 1000})
     second, _, _, _ = run_method("retrain", base, data, other_settings)
     probe = LeakageProbe(data, settings)
-    a, b = probe.point(first), probe.point(second)
+    figures, per_user = measure(second, data, probe, settings)
+    paired = intervals(per_user, first_per_user, settings, seed)
     return {
         "scope": setting.scope, "deletion_rate": setting.deletion_rate, "seed": seed,
         "jsd_retrain_vs_retrain": jensen_shannon(next_item_distributions(first, data, settings.model.max_len),
                                                  next_item_distributions(second, data, settings.model.max_len)),
-        **{f"auc_diff_{attack}": abs(a[attack] - b[attack]) for attack in a},
+        "ndcg10_ratio": paired["ndcg10_vs_retrain"], "ndcg10_ratio_ci": paired["ndcg10_vs_retrain_ci"],
+        **{f"auc_diff_{attack}": abs(paired[f"mia_auc_{attack}_minus_retrain"]) for attack in ATTACKS},
     }  # fmt: skip
 
 
@@ -222,53 +281,95 @@ def circuit_stability(base: LlamaForCausalLM, snapshot: Snapshot, settings: Sett
     }
 
 
+SUMMARY_KEYS = (
+    *ROW_KEYS[4:], "ndcg10_vs_retrain", "mia_auc_loss_minus_retrain", "mia_auc_mink_minus_retrain",
+    "mia_auc_minkpp_minus_retrain",
+)  # fmt: skip
+
+
 def summarise(rows: list[dict]) -> list[dict]:
-    """Mean, standard deviation and a 95% interval across seeds per (method, scope, rate)."""
+    """Per (method, scope, rate): mean, standard deviation and a 95% t-interval across seeds."""
+    from scipy import stats
+
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["method"], row["scope"], row["deletion_rate"]), []).append(row)
     summary = []
     for (method, scope, rate), members in groups.items():
         entry = {"method": method, "scope": scope, "deletion_rate": rate, "seeds": len(members)}
-        for key in ROW_KEYS[4:]:
-            values = np.array([m[key] for m in members], dtype=float)
-            entry[key] = float(values.mean())
-            entry[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        for key in SUMMARY_KEYS:
+            values = np.array([m[key] for m in members if m.get(key) is not None], dtype=float)
+            if not len(values):
+                entry[key] = entry[f"{key}_std"] = entry[f"{key}_ci"] = None
+                continue
+            spread = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+            half = (
+                float(stats.t.ppf(0.975, len(values) - 1) * spread / np.sqrt(len(values))) if len(values) > 1 else 0.0
+            )
+            entry[key], entry[f"{key}_std"] = float(values.mean()), spread
+            entry[f"{key}_ci"] = [float(values.mean()) - half, float(values.mean()) + half]
         summary.append(entry)
     return summary
 
 
+TABLE_COLUMNS = ("ndcg10_retain", "hr10_retain", "ndcg10_forget_train", "mia_auc_loss", "mia_auc_mink",
+                 "mia_auc_minkpp", "privleak", "jsd_to_retrain", "wall_s", "speedup_vs_retrain")  # fmt: skip
+PAIRED_COLUMNS = ("ndcg10_vs_retrain", "mia_auc_loss_minus_retrain", "mia_auc_mink_minus_retrain",
+                  "mia_auc_minkpp_minus_retrain")  # fmt: skip
+
+
 def markdown_table(summary: list[dict]) -> str:
-    columns = ["ndcg10_retain", "hr10_retain", "ndcg10_forget_train", "mia_auc_loss", "mia_auc_mink",
-               "mia_auc_minkpp", "privleak", "jsd_to_retrain", "wall_s", "speedup_vs_retrain"]  # fmt: skip
-    head = "| method | scope | rate | " + " | ".join(columns) + " |"
-    lines = [head, "|" + "---|" * (3 + len(columns))]
-    for entry in sorted(summary, key=lambda e: (e["scope"], e["deletion_rate"], e["method"])):
-        cells = [f"{entry[c]:.4f} ± {entry[c + '_std']:.4f}" for c in columns]
-        lines.append(
-            f"| {entry['method']} | {entry['scope']} | {entry['deletion_rate']:.2f} | " + " | ".join(cells) + " |"
-        )
-    return "\n".join(lines)
+    """Means ± standard deviations across seeds; then the paired comparisons with retrain, each with its
+    95% interval across seeds."""
+    ordered = sorted(summary, key=lambda e: (e["scope"], e["deletion_rate"], e["method"] != "original", e["method"]))
+
+    def table(columns, cell) -> list[str]:
+        lines = ["| method | scope | rate | " + " | ".join(columns) + " |", "|" + "---|" * (3 + len(columns))]
+        for entry in ordered:
+            cells = ["—" if entry[c] is None else cell(entry, c) for c in columns]
+            lines.append(
+                f"| {entry['method']} | {entry['scope']} | {entry['deletion_rate']:.2f} | " + " | ".join(cells) + " |"
+            )
+        return lines
+
+    means = table(TABLE_COLUMNS, lambda e, c: f"{e[c]:.4f} ± {e[c + '_std']:.4f}")
+    paired = table(PAIRED_COLUMNS, lambda e, c: f"{e[c]:.3f} [{e[c + '_ci'][0]:.3f}, {e[c + '_ci'][1]:.3f}]")
+    return "\n".join(
+        [
+            *means,
+            "",
+            "Paired with retrain on the same users (mean over seeds [95% interval across seeds]):",
+            "",
+            *paired,
+        ]
+    )
 
 
 def pareto_plot(summary: list[dict], path) -> None:
+    """Utility against leakage, one panel per setting; bars are one standard deviation across seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    for entry in summary:
-        leakage = max(abs(entry[f"mia_auc_{a}"] - 0.5) for a in ("loss", "mink", "minkpp"))
-        axis.scatter(
-            leakage, entry["ndcg10_retain"], label=f"{entry['method']} {entry['scope']} {entry['deletion_rate']:.2f}"
+    settings = sorted({(e["scope"], e["deletion_rate"]) for e in summary})
+    figure, axes = plt.subplots(1, len(settings), figsize=(4.2 * len(settings), 4.2), squeeze=False, sharey=True)
+    for axis, (scope, rate) in zip(axes[0], settings, strict=True):
+        for entry in (e for e in summary if (e["scope"], e["deletion_rate"]) == (scope, rate)):
+            attack = max(("loss", "mink", "minkpp"), key=lambda a: abs(entry[f"mia_auc_{a}"] - 0.5))
+            leakage = abs(entry[f"mia_auc_{attack}"] - 0.5)
+            axis.errorbar(
+                leakage, entry["ndcg10_retain"], xerr=entry[f"mia_auc_{attack}_std"],
+                yerr=entry["ndcg10_retain_std"], fmt="o", capsize=3,
+            )  # fmt: skip
+            axis.annotate(entry["method"], (leakage, entry["ndcg10_retain"]), fontsize=8, xytext=(4, 3),
+                          textcoords="offset points")  # fmt: skip
+        axis.set(
+            title=f"{scope} scope, {rate:.0%} of members", xlabel="max over attacks |MIA AUC - 0.5| (lower: better)"
         )
-        axis.annotate(entry["method"], (leakage, entry["ndcg10_retain"]), fontsize=7)
-    axis.set(
-        xlabel="leakage: max over attacks |MIA AUC - 0.5| (lower is better)",
-        ylabel="NDCG@10 on retained users (higher is better)",
-        title="Forget / retain trade-off",
-    )
+        axis.grid(alpha=0.3)
+    axes[0][0].set_ylabel("NDCG@10 on retained users (higher: better)")
+    figure.suptitle("Forget / retain trade-off (means over seeds, ±1 s.d.)")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -100,13 +100,17 @@ class Estimate:
         return {"value": self.value, "low": self.low, "high": self.high}
 
 
+def _tail(confidence: float) -> tuple[float, float]:
+    tail = (1.0 - confidence) / 2 * 100
+    return tail, 100 - tail
+
+
 def bootstrap_auc(positives: np.ndarray, negatives: np.ndarray, samples: int, confidence: float, seed: int) -> Estimate:
     """AUC with a percentile bootstrap interval, resampling users within each group."""
     rng = np.random.default_rng(seed)
     positives, negatives = np.asarray(positives, float), np.asarray(negatives, float)
     draws = [auc(rng.choice(positives, len(positives)), rng.choice(negatives, len(negatives))) for _ in range(samples)]
-    tail = (1.0 - confidence) / 2 * 100
-    low, high = np.nanpercentile(draws, [tail, 100 - tail])
+    low, high = np.nanpercentile(draws, _tail(confidence))
     return Estimate(auc(positives, negatives), float(low), float(high))
 
 
@@ -114,9 +118,42 @@ def bootstrap_mean(values: np.ndarray, samples: int, confidence: float, seed: in
     rng = np.random.default_rng(seed)
     values = np.asarray(values, float)
     draws = rng.choice(values, (samples, len(values))).mean(axis=1)
-    tail = (1.0 - confidence) / 2 * 100
-    low, high = np.percentile(draws, [tail, 100 - tail])
+    low, high = np.percentile(draws, _tail(confidence))
     return Estimate(float(values.mean()), float(low), float(high))
+
+
+def paired_ratio(values: np.ndarray, reference: np.ndarray, samples: int, confidence: float, seed: int) -> Estimate:
+    """mean(values) / mean(reference) over the same users, with a bootstrap interval that resamples users
+    once for both: the pairing removes the users' own difficulty from the comparison."""
+    rng = np.random.default_rng(seed)
+    values, reference = np.asarray(values, float), np.asarray(reference, float)
+    draws = rng.integers(0, len(values), (samples, len(values)))
+    ratios = values[draws].mean(1) / np.maximum(reference[draws].mean(1), 1e-12)
+    low, high = np.percentile(ratios, _tail(confidence))
+    return Estimate(float(values.mean() / max(reference.mean(), 1e-12)), float(low), float(high))
+
+
+def paired_auc_difference(
+    positives: np.ndarray,
+    negatives: np.ndarray,
+    reference_positives: np.ndarray,
+    reference_negatives: np.ndarray,
+    samples: int,
+    confidence: float,
+    seed: int,
+) -> Estimate:
+    """AUC(model) - AUC(reference model) on the same forgotten users and non-members, resampled together."""
+    rng = np.random.default_rng(seed)
+    arrays = [np.asarray(a, float) for a in (positives, negatives, reference_positives, reference_negatives)]
+    draws = []
+    for _ in range(samples):
+        pick_pos, pick_neg = (
+            rng.integers(0, len(arrays[0]), len(arrays[0])),
+            rng.integers(0, len(arrays[1]), len(arrays[1])),
+        )
+        draws.append(auc(arrays[0][pick_pos], arrays[1][pick_neg]) - auc(arrays[2][pick_pos], arrays[3][pick_neg]))
+    low, high = np.nanpercentile(draws, _tail(confidence))
+    return Estimate(auc(arrays[0], arrays[1]) - auc(arrays[2], arrays[3]), float(low), float(high))
 
 
 def membership_auc(

@@ -29,15 +29,31 @@ def test_quick_benchmark_writes_rows_table_plot_and_runs(tmp_path, monkeypatch):
 
     rows = json.loads((out / "benchmark.json").read_text())
     methods = [row["method"] for row in rows]
-    assert methods == ["retrain", "finetune", "grad_ascent", "grad_diff", "npo", "ssd", "grad_projection", "cure"]
+    assert methods == [
+        "original", "retrain", "finetune", "grad_ascent", "grad_diff", "npo", "ssd", "grad_projection", "cure"
+    ]  # fmt: skip
     assert all(set(ROW_KEYS) <= set(row) for row in rows)
-    retrain = rows[0]
+    original, retrain = rows[0], rows[1]
     assert retrain["jsd_to_retrain"] == pytest.approx(0.0) and retrain["privleak"] == pytest.approx(0.0)
-    assert retrain["speedup_vs_retrain"] == pytest.approx(1.0)
-    assert all(0.0 <= row["jsd_to_retrain"] <= 1.0 and row["peak_mem_mb"] > 0 for row in rows)
+    assert retrain["speedup_vs_retrain"] == pytest.approx(1.0) and retrain["ndcg10_vs_retrain"] == pytest.approx(1.0)
+    assert retrain["ndcg10_vs_retrain_ci"] == pytest.approx([1.0, 1.0])
+    assert original["wall_s"] == 0.0 and original["speedup_vs_retrain"] is None
+    # the model before unlearning remembers its members: it leaks more than the retrained model
+    assert original["mia_auc_loss_minus_retrain"] > 0
+    for row in rows:
+        assert 0.0 <= row["jsd_to_retrain"] <= 1.0
+        low, high = row["ndcg10_retain_ci"]
+        assert low <= row["ndcg10_retain"] <= high
+        for attack in ("loss", "mink", "minkpp"):
+            low, high = row[f"mia_auc_{attack}_ci"]
+            assert low <= row[f"mia_auc_{attack}"] <= high
+    assert all(row["peak_mem_mb"] > 0 for row in rows[1:])
     summary = json.loads((out / "benchmark_summary.json").read_text())
     assert summary["retrain_floor"] and 0.0 <= summary["circuit_stability"]["jaccard_successive_batches"] <= 1.0
-    assert "| cure | user | 0.05 |" in (out / "benchmark.md").read_text()
+    table = (out / "benchmark.md").read_text()
+    assert "| cure | user | 0.05 |" in table and "| original | user | 0.05 |" in table
+    floor = summary["retrain_floor"][0]
+    assert floor["ndcg10_ratio_ci"][0] <= floor["ndcg10_ratio"] <= floor["ndcg10_ratio_ci"][1]
     assert (out / "pareto.png").stat().st_size > 0
 
     mlflow.set_tracking_uri(f"sqlite:///{home / 'mlflow.db'}")

@@ -9,6 +9,8 @@ from pipeline.evaluate import (
     bootstrap_auc,
     hit_at,
     ndcg_at,
+    paired_auc_difference,
+    paired_ratio,
     ranks_of_targets,
     utility_metrics,
     worst_case_auc,
@@ -67,3 +69,24 @@ def test_bootstrap_interval_is_wide_for_five_users_and_narrow_for_many():
 
 def test_worst_case_auc_is_the_one_furthest_from_half():
     assert worst_case_auc({"loss": 0.6, "mink": 0.3, "minkpp": 0.5}) == 0.3
+
+
+def test_paired_ratio_removes_the_users_own_difficulty():
+    """The same users, one model slightly better on every one: unpaired intervals overlap, the paired one
+    excludes 1. Identical per-user values give exactly 1 with no width."""
+    rng = np.random.default_rng(0)
+    reference = rng.uniform(0.0, 1.0, 200)
+    better = reference * 1.05
+    same = paired_ratio(reference, reference, 500, 0.95, seed=1)
+    assert same.value == pytest.approx(1.0) and same.low == pytest.approx(1.0) and same.high == pytest.approx(1.0)
+    ratio = paired_ratio(better, reference, 500, 0.95, seed=1)
+    assert ratio.value == pytest.approx(1.05) and 1.0 < ratio.low <= 1.05 <= ratio.high
+
+
+def test_paired_auc_difference_is_zero_for_the_same_scores_and_signed_otherwise():
+    rng = np.random.default_rng(0)
+    positives, negatives = rng.normal(1.0, 1.0, 30), rng.normal(0.0, 1.0, 60)
+    same = paired_auc_difference(positives, negatives, positives, negatives, 300, 0.95, seed=2)
+    assert same.value == 0.0 and same.low == 0.0 and same.high == 0.0
+    forgotten = paired_auc_difference(positives - 1.0, negatives, positives, negatives, 300, 0.95, seed=2)
+    assert forgotten.value < 0 and forgotten.high < 0
