@@ -20,7 +20,7 @@ import psutil
 import torch
 from transformers import LlamaForCausalLM
 
-from pipeline.circuits import Circuits, circuits_for, jaccard
+from pipeline.circuits import Circuits, circuits_for, faithfulness, jaccard
 from pipeline.data import FIRST_ITEM_TOKEN, Snapshot
 from pipeline.evaluate import (
     ATTACKS,
@@ -258,6 +258,20 @@ def retrain_floor(
         "ndcg10_ratio": paired["ndcg10_vs_retrain"], "ndcg10_ratio_ci": paired["ndcg10_vs_retrain_ci"],
         **{f"auc_diff_{attack}": abs(paired[f"mia_auc_{attack}_minus_retrain"]) for attack in ATTACKS},
     }  # fmt: skip
+
+
+def circuit_faithfulness(
+    base: LlamaForCausalLM, data: UnlearningData, circuits: Circuits, settings: Settings, seed: int
+) -> dict[str, float]:
+    """Mean-ablate the circuits CURE used, on the model they were extracted from: the forget circuit against
+    random unit sets of its size (forget loss), and against the retain circuit (retain loss)."""
+    max_len, config = settings.model.max_len, settings.circuits
+    forget = make_windows(data.forget_sequences, max_len, data.forget_scored)
+    retain = make_windows(data.retain_sequences, max_len)
+    sample = retain.batch(
+        torch.randint(len(retain), (config.retain_windows,), generator=torch.Generator().manual_seed(seed))
+    )
+    return {"seed": seed, **faithfulness(base, circuits, forget, sample, config.batch_size, seed)}
 
 
 def circuit_stability(base: LlamaForCausalLM, snapshot: Snapshot, settings: Settings, seeds: list[int]) -> dict:

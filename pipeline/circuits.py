@@ -27,45 +27,43 @@ from pipeline.settings import CircuitSettings
 GROUPS = ("forget_specific", "retain_specific", "shared", "inert")
 
 
-def _sites(model: LlamaForCausalLM) -> dict[str, torch.nn.Module]:
-    """The linear layers whose inputs are the module activations: o_proj (heads), down_proj (neurons)."""
-    sites = {}
+def _sites(model: LlamaForCausalLM, items: bool = False) -> dict[str, torch.nn.Module]:
+    """Where each kind of unit lives. Heads and neurons are the inputs of o_proj and down_proj; item units
+    (with `items`) are the outputs of the (tied) item head: one logit per item token, so a unit is an item's
+    embedding row, which is where a next-item model keeps most of what it knows about one item."""
+    sites: dict[str, torch.nn.Module] = {}
     for index, layer in enumerate(model.model.layers):
         sites[f"layer{index}.heads"] = layer.self_attn.o_proj
         sites[f"layer{index}.neurons"] = layer.mlp.down_proj
+    if items:
+        sites["items"] = model.lm_head
     return sites
 
 
-def _unit_count(model: LlamaForCausalLM, site: str) -> int:
-    config = model.config
-    return config.num_attention_heads if site.endswith("heads") else config.intermediate_size
-
-
 def _per_unit(model: LlamaForCausalLM, site: str, values: torch.Tensor) -> torch.Tensor:
-    """(..., features) -> (..., units): heads sum their head_dim slice, neurons are already units."""
-    if site.endswith("neurons"):
+    """(..., features) -> (..., units): heads sum their head_dim slice, neurons and items are already units."""
+    if not site.endswith("heads"):
         return values
     heads = model.config.num_attention_heads
     return values.reshape(*values.shape[:-1], heads, values.shape[-1] // heads).sum(-1)
 
 
 @contextmanager
-def _capture(model: LlamaForCausalLM) -> Iterator[dict[str, torch.Tensor]]:
-    """Record each site's input activation and, after backward, its gradient."""
+def _capture(model: LlamaForCausalLM, items: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """Record each site's activation (a layer's input; the item head's output) and, after backward, its gradient."""
     captured: dict[str, torch.Tensor] = {}
     handles = []
 
-    def hook(site: str):
-        def pre_hook(module, args):
-            activation = args[0]
-            captured[f"{site}.act"] = activation.detach()
-            if activation.requires_grad:
-                activation.register_hook(lambda grad: captured.__setitem__(f"{site}.grad", grad.detach()))
+    def record(site: str, activation: torch.Tensor) -> None:
+        captured[f"{site}.act"] = activation.detach()
+        if activation.requires_grad:
+            activation.register_hook(lambda grad: captured.__setitem__(f"{site}.grad", grad.detach()))
 
-        return pre_hook
-
-    for site, module in _sites(model).items():
-        handles.append(module.register_forward_pre_hook(hook(site)))
+    for site, module in _sites(model, items).items():
+        if site == "items":
+            handles.append(module.register_forward_hook(lambda module, args, output, site=site: record(site, output)))
+        else:
+            handles.append(module.register_forward_pre_hook(lambda module, args, site=site: record(site, args[0])))
     try:
         yield captured
     finally:
@@ -73,18 +71,20 @@ def _capture(model: LlamaForCausalLM) -> Iterator[dict[str, torch.Tensor]]:
             handle.remove()
 
 
-def attribution_scores(model: LlamaForCausalLM, windows: Windows, batch_size: int) -> dict[str, torch.Tensor]:
-    """Per site, a score per unit (head or neuron) for the next-item loss on `windows`."""
+def attribution_scores(
+    model: LlamaForCausalLM, windows: Windows, batch_size: int, items: bool = False
+) -> dict[str, torch.Tensor]:
+    """Per site, a score per unit (head, neuron, and with `items` item) for the next-item loss on `windows`."""
     model.eval()
     totals: dict[str, torch.Tensor] = {}
     count = 0
     for start in range(0, len(windows), batch_size):
         batch = windows.batch(slice(start, start + batch_size))
         scored = batch.labels != IGNORE
-        with _capture(model) as captured:
+        with _capture(model, items) as captured:
             model.zero_grad(set_to_none=True)
             window_loss(model, batch).backward()
-        for site in _sites(model):
+        for site in _sites(model, items):
             activation, gradient = captured[f"{site}.act"][scored], captured[f"{site}.grad"][scored]
             centred = activation - activation.mean(dim=0, keepdim=True)
             contribution = _per_unit(model, site, centred * gradient).abs().sum(dim=0)
@@ -95,10 +95,13 @@ def attribution_scores(model: LlamaForCausalLM, windows: Windows, batch_size: in
 
 
 def top_units(scores: dict[str, torch.Tensor], fraction: float) -> dict[str, torch.Tensor]:
-    """Boolean masks of the top `fraction` of heads (among heads) and of neurons (among neurons)."""
+    """Boolean masks of the top `fraction` of each kind of unit (heads among heads, neurons among neurons,
+    items among items)."""
     masks = {}
-    for kind in ("heads", "neurons"):
+    for kind in ("heads", "neurons", "items"):
         sites = [site for site in scores if site.endswith(kind)]
+        if not sites:
+            continue
         flat = torch.cat([scores[site] for site in sites])
         keep = max(1, int(round(fraction * len(flat))))
         threshold = torch.topk(flat, keep).values.min()
@@ -153,9 +156,10 @@ def extract_circuits(
     retain_fraction: float,
     batch_size: int,
     meta: dict | None = None,
+    items: bool = False,
 ) -> Circuits:
-    forget_scores = attribution_scores(model, forget, batch_size)
-    retain_scores = attribution_scores(model, retain, batch_size)
+    forget_scores = attribution_scores(model, forget, batch_size, items)
+    retain_scores = attribution_scores(model, retain, batch_size, items)
     top_forget, top_retain = top_units(forget_scores, forget_fraction), top_units(retain_scores, retain_fraction)
     groups = {group: {} for group in GROUPS}
     for site in forget_scores:
@@ -168,6 +172,7 @@ def extract_circuits(
         "extracted_at": datetime.now(UTC).isoformat(),
         "forget_fraction": forget_fraction,
         "retain_fraction": retain_fraction,
+        "item_units": items,
         "forget_positions": int((forget.labels != IGNORE).sum()),
         "retain_positions": int((retain.labels != IGNORE).sum()),
         **(meta or {}),
@@ -187,7 +192,14 @@ def circuits_for(
     generator = torch.Generator().manual_seed(seed)
     sample = retain.batch(torch.randint(len(retain), (settings.retain_windows,), generator=generator))
     return extract_circuits(
-        model, forget, sample, settings.forget_fraction, settings.retain_fraction, settings.batch_size, meta
+        model,
+        forget,
+        sample,
+        settings.forget_fraction,
+        settings.retain_fraction,
+        settings.batch_size,
+        meta,
+        settings.item_units,
     )
 
 
@@ -198,16 +210,18 @@ def jaccard(first: set, second: set) -> float:
 # --- mean ablation, for faithfulness -------------------------------------------------------------
 
 
-def site_means(model: LlamaForCausalLM, windows: Windows, batch_size: int) -> dict[str, torch.Tensor]:
-    """Mean input activation per site over the scored positions (the value mean ablation writes in)."""
+def site_means(
+    model: LlamaForCausalLM, windows: Windows, batch_size: int, items: bool = False
+) -> dict[str, torch.Tensor]:
+    """Mean activation per site over the scored positions (the value mean ablation writes in)."""
     sums: dict[str, torch.Tensor] = {}
     count = 0
-    with torch.no_grad(), _capture(model) as captured:
+    with torch.no_grad(), _capture(model, items) as captured:
         for start in range(0, len(windows), batch_size):
             batch = windows.batch(slice(start, start + batch_size))
             model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
             scored = batch.labels != IGNORE
-            for site in _sites(model):
+            for site in _sites(model, items):
                 sums[site] = sums.get(site, 0) + captured[f"{site}.act"][scored].sum(0)
             count += int(scored.sum())
     return {site: total / max(count, 1) for site, total in sums.items()}
@@ -215,9 +229,9 @@ def site_means(model: LlamaForCausalLM, windows: Windows, batch_size: int) -> di
 
 @contextmanager
 def mean_ablated(model: LlamaForCausalLM, units: set[tuple[str, int]], means: dict[str, torch.Tensor]):
-    """Replace the chosen heads' slices / neurons' entries by their mean activation."""
+    """Replace the chosen heads' slices, neurons' entries and items' logits by their mean activation."""
     handles = []
-    for site, module in _sites(model).items():
+    for site, module in _sites(model, "items" in means).items():
         chosen = sorted(index for name, index in units if name == site)
         if not chosen:
             continue
@@ -229,12 +243,17 @@ def mean_ablated(model: LlamaForCausalLM, units: set[tuple[str, int]], means: di
         else:
             features[chosen] = True
 
-        def pre_hook(module, args, features=features, mean=means[site]):
-            activation = args[0].clone()
+        def ablate(activation: torch.Tensor, features=features, mean=means[site]) -> torch.Tensor:
+            activation = activation.clone()
             activation[..., features] = mean[features]
-            return (activation, *args[1:])
+            return activation
 
-        handles.append(module.register_forward_pre_hook(pre_hook))
+        if site == "items":
+            handles.append(module.register_forward_hook(lambda module, args, output, ablate=ablate: ablate(output)))
+        else:
+            handles.append(
+                module.register_forward_pre_hook(lambda module, args, ablate=ablate: (ablate(args[0]), *args[1:]))
+            )
     try:
         yield model
     finally:
@@ -264,7 +283,7 @@ def faithfulness(
 ) -> dict[str, float]:
     """Does ablating the forget circuit hurt the forget loss more than a random set of the same size,
     and the retain loss less than ablating the retain circuit?"""
-    means = site_means(model, retain, batch_size)
+    means = site_means(model, retain, batch_size, items="items" in circuits.forget_scores)
     forget_circuit = circuits.units("forget_specific") | circuits.units("shared")
     retain_circuit = circuits.units("retain_specific") | circuits.units("shared")
     everything = sorted(

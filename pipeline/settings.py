@@ -114,6 +114,7 @@ class CircuitSettings(_Frozen):
     retain_fraction: float = Field(gt=0.0, le=1.0)
     retain_windows: int = Field(ge=1)
     batch_size: int = Field(ge=1)
+    item_units: bool = False  # also score and partition item embedding rows (the item head's logits)
     drift: DriftSettings
 
 

@@ -364,9 +364,10 @@ class CircuitAwareUnlearning(GradientProjection):
 
 
 def parameter_masks(model: LlamaForCausalLM, circuits: Circuits) -> dict[str, dict[str, torch.Tensor]]:
-    """Per group, a 0/1 mask over each parameter tensor that a head or neuron of that group owns.
+    """Per group, a 0/1 mask over each parameter tensor that a head, neuron or item of that group owns.
 
-    Every group holds the same parameter names (the q/k/v/o and gate/up/down weights of every layer).
+    Every group holds the same parameter names (the q/k/v/o and gate/up/down weights of every layer, and the
+    item embedding when items are units).
     """
     config = model.config
     head_dim = config.hidden_size // config.num_attention_heads
@@ -374,6 +375,10 @@ def parameter_masks(model: LlamaForCausalLM, circuits: Circuits) -> dict[str, di
     params = dict(model.named_parameters())
     for group in masks:
         for site, units in circuits.groups[group].items():
+            if site == "items":  # an item's row of the tied embedding, which is also its row of the item head
+                name = "model.embed_tokens.weight"
+                masks[group][name] = units.float()[:, None].expand_as(params[name])
+                continue
             layer = int(site.split(".")[0].removeprefix("layer"))
             prefix = f"model.layers.{layer}"
             if site.endswith("heads"):

@@ -77,3 +77,21 @@ def test_the_forget_circuit_is_faithful(trained, windows, settings):
     report = faithfulness(trained[0], circuits, forget, retain, 16, seed=0)
     assert report["forget_loss_rise_forget_circuit"] > report["forget_loss_rise_random_mean"]
     assert np.isfinite(report["ratio_retain_forget_vs_retain_circuit"])
+
+
+def test_item_units_are_scored_on_the_item_head_and_can_be_ablated(trained, windows):
+    """With items as units every item token gets a score; the items the forgotten users rated score higher
+    on the forget objective than items they never touched, and mean-ablating those items raises the loss."""
+    model, (forget, retain) = trained[0], windows
+    scores = attribution_scores(model, forget, batch_size=16, items=True)
+    assert scores["items"].shape == (model.config.vocab_size,)
+    rated = torch.zeros(model.config.vocab_size, dtype=torch.bool)
+    rated[forget.labels[forget.labels >= 0].unique()] = True
+    assert scores["items"][rated].mean() > 5 * scores["items"][~rated].mean()
+    circuits = extract_circuits(model, forget, retain, 0.1, 0.1, 16, items=True)
+    assert {"items"} <= set(circuits.groups["forget_specific"])
+    means = site_means(model, retain, 32, items=True)
+    ablated = {("items", i) for i in torch.nonzero(circuits.groups["forget_specific"]["items"]).flatten().tolist()}
+    with mean_ablated(model, ablated, means):
+        raised = mean_loss(model, forget, 32)
+    assert raised > mean_loss(model, forget, 32)

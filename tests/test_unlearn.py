@@ -84,7 +84,8 @@ def test_cure_touches_only_circuit_units(trained, snapshot, settings):
     for _ in range(3):
         cure.step(cure.forget.batch(slice(0, 8)), cure.retain.batch(slice(0, 8)), optimizer)
     after = model.state_dict()
-    assert torch.equal(after["model.embed_tokens.weight"], before["model.embed_tokens.weight"])
+    assert settings.circuits.item_units, "params.yaml makes items units: this test checks their rows"
+    assert torch.equal(after["model.norm.weight"], before["model.norm.weight"]), "not a unit: frozen"
     head_dim = model.config.hidden_size // model.config.num_attention_heads
     for group, should_move in (("inert", False), ("forget_specific", True), ("retain_specific", True)):
         for head in torch.nonzero(cure.circuits.groups[group]["layer0.heads"]).flatten().tolist():
@@ -100,6 +101,9 @@ def test_cure_touches_only_circuit_units(trained, snapshot, settings):
                 before["model.layers.0.mlp.down_proj.weight"][:, neuron],
             )
             assert moved == should_move, f"{group} neuron {neuron}"
+        for item in torch.nonzero(cure.circuits.groups[group]["items"]).flatten().tolist():
+            moved = not torch.equal(after["model.embed_tokens.weight"][item], before["model.embed_tokens.weight"][item])
+            assert moved == should_move, f"{group} item {item}"
 
 
 def test_retrain_never_sees_the_forgotten_users(trained, snapshot, settings):
