@@ -335,8 +335,9 @@ class GradientProjection(UnlearningMethod):
 class CircuitAwareUnlearning(GradientProjection):
     """CURE: forget-specific units follow the forget objective; task-shared units take the forget gradient
     projected orthogonal to the retain gradient plus retain descent; retain-specific units take retain
-    descent only; everything else is frozen. Units are heads (their rows of q/k/v, columns of o) and MLP
-    neurons (their rows of gate/up, column of down)."""
+    descent only; everything else is frozen. Units are heads (their rows of q/k/v, columns of o), MLP
+    neurons (their rows of gate/up, column of down) and, with `circuits.item_units`, items (their row of
+    the tied embedding)."""
 
     needs_circuits = True
 
