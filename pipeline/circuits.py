@@ -1,7 +1,8 @@
 """Circuits: which attention heads and MLP neurons carry an objective, by attribution patching.
 
 Plain `transformers` modules and forward hooks, no model conversion. A head's activation is its slice
-of the attention output before `o_proj`; a neuron's is its entry of the input of `down_proj`. The score
+of the attention output before `o_proj`; a neuron's is its entry of the input of `down_proj`; an item's
+(with `circuits.item_units`) is its logit on the tied item head. The score
 of a module for an objective is |(activation - its mean) . gradient of the objective|, averaged over the
 scored positions: the first-order estimate of how much the loss would move if the module were replaced
 by its mean (mean ablation). One forward and one backward per batch.
