@@ -20,7 +20,7 @@ import psutil
 import torch
 from transformers import LlamaForCausalLM
 
-from pipeline.circuits import Circuits, circuits_for, faithfulness, jaccard
+from pipeline.circuits import Circuits, circuits_for, faithfulness, jaccard, retain_sample
 from pipeline.data import FIRST_ITEM_TOKEN, Snapshot
 from pipeline.evaluate import (
     ATTACKS,
@@ -165,24 +165,26 @@ def measure(
 def intervals(per_user: dict, retrain_per_user: dict, settings: Settings, seed: int) -> dict:
     """95% intervals over users (bootstrap) for a row, and its paired comparison with retrain on the same users:
     the NDCG@10 ratio and, per attack, the AUC difference."""
-    config = settings.eval
-    samples, confidence = config.bootstrap_samples, config.confidence
+    samples, confidence = settings.eval.bootstrap_samples, settings.eval.confidence
 
-    def pair(estimate) -> list[float]:
-        return [estimate.low, estimate.high]
+    def with_interval(key: str, estimate) -> dict:
+        return {key: estimate.value, f"{key}_ci": [estimate.low, estimate.high]}
 
+    ndcg = bootstrap_mean(per_user["ndcg10"], samples, confidence, seed)
     figures = {
-        "ndcg10_retain_ci": pair(bootstrap_mean(per_user["ndcg10"], samples, confidence, seed)),
-        "ndcg10_vs_retrain": paired_ratio(per_user["ndcg10"], retrain_per_user["ndcg10"], samples, confidence, seed),
+        "ndcg10_retain_ci": [ndcg.low, ndcg.high],
+        **with_interval(
+            "ndcg10_vs_retrain",
+            paired_ratio(per_user["ndcg10"], retrain_per_user["ndcg10"], samples, confidence, seed),
+        ),
     }
     for attack in ATTACKS:
-        figures[f"mia_auc_{attack}_ci"] = pair(bootstrap_auc(*per_user[attack], samples, confidence, seed))
-        figures[f"mia_auc_{attack}_minus_retrain"] = paired_auc_difference(
-            *per_user[attack], *retrain_per_user[attack], samples, confidence, seed
+        estimate = bootstrap_auc(*per_user[attack], samples, confidence, seed)
+        figures[f"mia_auc_{attack}_ci"] = [estimate.low, estimate.high]
+        figures |= with_interval(
+            f"mia_auc_{attack}_minus_retrain",
+            paired_auc_difference(*per_user[attack], *retrain_per_user[attack], samples, confidence, seed),
         )
-    for key in ["ndcg10_vs_retrain", *(f"mia_auc_{a}_minus_retrain" for a in ATTACKS)]:
-        estimate = figures.pop(key)
-        figures[key], figures[f"{key}_ci"] = estimate.value, pair(estimate)
     return figures
 
 
@@ -267,10 +269,7 @@ def circuit_faithfulness(
     random unit sets of its size (forget loss), and against the retain circuit (retain loss)."""
     max_len, config = settings.model.max_len, settings.circuits
     forget = make_windows(data.forget_sequences, max_len, data.forget_scored)
-    retain = make_windows(data.retain_sequences, max_len)
-    sample = retain.batch(
-        torch.randint(len(retain), (config.retain_windows,), generator=torch.Generator().manual_seed(seed))
-    )
+    sample = retain_sample(make_windows(data.retain_sequences, max_len), config, seed)
     return {"seed": seed, **faithfulness(base, circuits, forget, sample, config.batch_size, seed)}
 
 

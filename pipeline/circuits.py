@@ -181,6 +181,12 @@ def extract_circuits(
     return Circuits(forget_scores, retain_scores, groups, info)
 
 
+def retain_sample(retain: Windows, settings: CircuitSettings, seed: int) -> Windows:
+    """The seeded sample of retain windows that scores the retain objective."""
+    generator = torch.Generator().manual_seed(seed)
+    return retain.batch(torch.randint(len(retain), (settings.retain_windows,), generator=generator))
+
+
 def circuits_for(
     model: LlamaForCausalLM,
     forget: Windows,
@@ -190,12 +196,10 @@ def circuits_for(
     meta: dict | None = None,
 ) -> Circuits:
     """Extract with params.yaml's fractions on a seeded sample of the retain windows: same inputs, same circuits."""
-    generator = torch.Generator().manual_seed(seed)
-    sample = retain.batch(torch.randint(len(retain), (settings.retain_windows,), generator=generator))
     return extract_circuits(
         model,
         forget,
-        sample,
+        retain_sample(retain, settings, seed),
         settings.forget_fraction,
         settings.retain_fraction,
         settings.batch_size,

@@ -144,16 +144,19 @@ def paired_auc_difference(
 ) -> Estimate:
     """AUC(model) - AUC(reference model) on the same forgotten users and non-members, resampled together."""
     rng = np.random.default_rng(seed)
-    arrays = [np.asarray(a, float) for a in (positives, negatives, reference_positives, reference_negatives)]
+    positives, negatives, reference_positives, reference_negatives = (
+        np.asarray(a, float) for a in (positives, negatives, reference_positives, reference_negatives)
+    )
     draws = []
     for _ in range(samples):
-        pick_pos, pick_neg = (
-            rng.integers(0, len(arrays[0]), len(arrays[0])),
-            rng.integers(0, len(arrays[1]), len(arrays[1])),
+        pick_positive = rng.integers(0, len(positives), len(positives))
+        pick_negative = rng.integers(0, len(negatives), len(negatives))
+        draws.append(
+            auc(positives[pick_positive], negatives[pick_negative])
+            - auc(reference_positives[pick_positive], reference_negatives[pick_negative])
         )
-        draws.append(auc(arrays[0][pick_pos], arrays[1][pick_neg]) - auc(arrays[2][pick_pos], arrays[3][pick_neg]))
     low, high = np.nanpercentile(draws, _tail(confidence))
-    return Estimate(auc(arrays[0], arrays[1]) - auc(arrays[2], arrays[3]), float(low), float(high))
+    return Estimate(auc(positives, negatives) - auc(reference_positives, reference_negatives), float(low), float(high))
 
 
 def membership_auc(
