@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import time
 from pathlib import Path
@@ -13,12 +15,16 @@ from components.train import ensure_base_model
 from pipeline.bench import (
     Setting,
     benchmark_setting,
+    choose,
     circuit_faithfulness,
     circuit_stability,
     markdown_table,
     pareto_plot,
     retrain_floor,
     summarise,
+    tune,
+    tuning_table,
+    tuning_variants,
 )
 from pipeline.data import read_snapshot
 from pipeline.model import load_model
@@ -31,13 +37,52 @@ def _lines(records: list[dict]) -> str:
     )
 
 
+def base_provenance(directory: Path, meta: dict) -> dict:
+    """Which base model every row started from: a base trained elsewhere (another ledger, older params) gives
+    other figures, so the results name its weights' hash, its data snapshot and its own test utility."""
+    train = json.loads((directory / "train.json").read_text())
+    return {
+        "weights_sha256": hashlib.sha256((directory / "model.safetensors").read_bytes()).hexdigest(),
+        "snapshot_hash": meta.get("snapshot_hash"),
+        "seed": meta.get("seed"),
+        "members": train.get("members"),
+        "test": train.get("test"),
+    }
+
+
+def tuning(base, snapshot, settings, out: Path, provenance: dict) -> dict:
+    """Every bench.tuning variant on the tuning seeds; the rule's choice in tuning.json and tuning.md."""
+    started = time.perf_counter()
+    with mlflow.start_run(run_name="benchmark-tuning") as parent:
+        total, done = len(settings.bench.tuning.seeds) * len(tuning_variants(settings)), itertools.count(1)
+
+        def report(row: dict) -> None:
+            aucs = " / ".join(f"{row[f'mia_auc_{a}']:.3f}" for a in ("loss", "mink", "minkpp"))
+            print(
+                f"tune [{next(done)}/{total}] seed {row['seed']} {row['method']} lr {row['learning_rate']} "
+                f"retain_fraction {row['retain_fraction']}: NDCG vs retrain {row['ndcg10_vs_retrain']:.3f}, AUC {aucs}",
+                flush=True,
+            )
+
+        rows = tune(base, snapshot, settings, report)
+        decision = choose(rows, settings.unlearn.target_auc_band)
+        out.mkdir(parents=True, exist_ok=True)
+        record = {"rows": rows, **decision, "base_model": provenance, "wall_s_total": time.perf_counter() - started}
+        (out / "tuning.json").write_text(json.dumps(record, indent=2))
+        (out / "tuning.md").write_text(tuning_table(decision, settings))
+        mlflow.log_artifact(str(out / "tuning.json"))
+        mlflow.log_artifact(str(out / "tuning.md"))
+    print(json.dumps(decision["choice"]))
+    return {"rows": len(rows), "choice": decision["choice"], "out": str(out), "run_id": parent.info.run_id}
+
+
 def main(argv: list[str] | None = None) -> dict:
     cli = parser("bench", __doc__)
     cli.add_argument("--quick", action="store_true", help="one rate, one seed, few steps: a smoke run")
     cli.add_argument(
         "--tuning",
         action="store_true",
-        help="the 5%% user setting on bench.tuning_seed only: where hyperparameters are chosen",
+        help="choose the learning rate and CURE's retain fraction by bench.tuning's rule, on its seeds only",
     )
     cli.add_argument("--out", type=Path, default=Path("results"), help="results folder (default: ./results)")
     args = cli.parse_args(argv)
@@ -47,20 +92,21 @@ def main(argv: list[str] | None = None) -> dict:
         settings = settings.model_copy(
             update={"unlearn": settings.unlearn.model_copy(update={"max_steps": bench.quick_max_steps})}
         )
-    single = args.quick or args.tuning
+    base_dir = ensure_base_model(args.params, home)
+    base, meta = load_model(base_dir)
+    snapshot = read_snapshot(home.snapshot)
+    Registry(home, settings.mlflow)
+    if args.tuning:
+        return tuning(base, snapshot, settings, args.out, base_provenance(base_dir, meta))
+
+    single = args.quick
     grid = [Setting("user", rate) for rate in ([bench.quick_rate] if single else bench.user_rates)]
     if not single:
         grid.append(Setting("interactions", bench.interaction_rate, bench.interaction_item_share))
-    seeds = [bench.tuning_seed] if args.tuning else bench.seeds[:1] if args.quick else bench.seeds
+    seeds = bench.seeds[:1] if args.quick else bench.seeds
 
-    base, _ = load_model(ensure_base_model(args.params, home))
-    snapshot = read_snapshot(home.snapshot)
-
-    Registry(home, settings.mlflow)
     started, rows, floors, faithful = time.perf_counter(), [], [], []
-    with mlflow.start_run(
-        run_name="benchmark-quick" if args.quick else "benchmark-tuning" if args.tuning else "benchmark"
-    ) as parent:
+    with mlflow.start_run(run_name="benchmark-quick" if args.quick else "benchmark") as parent:
         mlflow.log_params(
             {
                 "methods": ",".join(bench.methods),
@@ -93,17 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
                     )
                 rows.extend(batch_rows)
                 if setting.scope == "user" and setting.deletion_rate == bench.floor_rate or single:
-                    floors.append(
-                        retrain_floor(
-                            base,
-                            extras["data"],
-                            settings,
-                            setting,
-                            seed,
-                            extras["retrained"],
-                            extras["retrain_per_user"],
-                        )
-                    )
+                    floors.append(retrain_floor(base, extras["data"], settings, setting, seed, extras["reference"]))
                     if "circuits" in extras:
                         faithful.append(circuit_faithfulness(base, extras["data"], extras["circuits"], settings, seed))
         stability = circuit_stability(base, snapshot, settings, seeds if len(seeds) > 1 else [seeds[0], seeds[0] + 1])
@@ -117,6 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "retrain_floor": floors,
                     "circuit_stability": stability,
                     "circuit_faithfulness": faithful,
+                    "base_model": base_provenance(base_dir, meta),
                     "wall_s_total": time.perf_counter() - started,
                 },
                 indent=2,

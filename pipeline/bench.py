@@ -12,6 +12,7 @@ import copy
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -200,6 +201,51 @@ def run_method(
     return model, wall, memory.megabytes, result.circuits
 
 
+@dataclass(frozen=True)
+class Reference:
+    """A batch's retrained model and what every row is compared with: its figures, per-user values and
+    next-item distributions on the forgotten users."""
+
+    model: LlamaForCausalLM
+    wall: float
+    memory: float
+    figures: dict
+    per_user: dict
+    distributions: torch.Tensor
+
+
+def retrain_reference(base: LlamaForCausalLM, data: UnlearningData, settings: Settings) -> Reference:
+    model, wall, memory, _ = run_method("retrain", base, data, settings)
+    figures, per_user = measure(model, data, LeakageProbe(data, settings), settings)
+    return Reference(
+        model, wall, memory, figures, per_user, next_item_distributions(model, data, settings.model.max_len)
+    )
+
+
+def method_row(
+    name: str, model: LlamaForCausalLM, wall: float, memory: float | None, data: UnlearningData,
+    reference: Reference, settings: Settings, setting: Setting, seed: int,
+) -> dict:  # fmt: skip
+    """One row: a model's figures, its divergence from the retrained model, and its paired comparison."""
+    figures, per_user = measure(model, data, LeakageProbe(data, settings), settings)
+    log.info("%s: %.1fs, ndcg10 %.4f, auc loss %.3f", name, wall, figures["ndcg10_retain"], figures["mia_auc_loss"])
+    retrain_loss = reference.figures["mia_auc_loss"]
+    distributions = next_item_distributions(model, data, settings.model.max_len)
+    return {
+        "method": name, "scope": setting.scope, "deletion_rate": setting.deletion_rate, "seed": seed,
+        **figures,
+        "privleak": (figures["mia_auc_loss"] - retrain_loss) / retrain_loss,
+        "jsd_to_retrain": jensen_shannon(distributions, reference.distributions),
+        "wall_s": wall, "speedup_vs_retrain": reference.wall / wall if wall else None, "peak_mem_mb": memory,
+        "forgotten_users": len(data.forgotten_users), "eval_users": len(data.eval_targets),
+        **intervals(per_user, reference.per_user, settings, seed),
+    }  # fmt: skip
+
+
+def batch_data(snapshot: Snapshot, setting: Setting, seed: int) -> UnlearningData:
+    return unlearning_data(snapshot, build_split(snapshot, deletion_requests(snapshot, setting, seed)))
+
+
 def benchmark_setting(
     base: LlamaForCausalLM, snapshot: Snapshot, settings: Settings, setting: Setting, seed: int, methods: list[str]
 ) -> tuple[list[dict], dict]:
@@ -207,56 +253,101 @@ def benchmark_setting(
 
     The first row, `original`, is the model before unlearning: the utility every method starts from and
     the leakage it has to remove. Its wall time is zero and it has no speed-up."""
-    data = unlearning_data(snapshot, build_split(snapshot, deletion_requests(snapshot, setting, seed)))
-    probe, max_len = LeakageProbe(data, settings), settings.model.max_len
+    data = batch_data(snapshot, setting, seed)
     seeded = settings.model_copy(update={"seed": seed})
-    retrained, retrain_wall, retrain_mem, _ = run_method("retrain", base, data, seeded)
-    retrain_figures, retrain_per_user = measure(retrained, data, probe, settings)
-    retrain_dist = next_item_distributions(retrained, data, max_len)
-    rows, extras = [], {"data": data, "retrained": retrained, "retrain_per_user": retrain_per_user}
+    reference = retrain_reference(base, data, seeded)
+    rows, extras = [], {"data": data, "reference": reference}
     for name in ["original", *methods]:
         if name == "retrain":
-            model, wall, memory, circuits = retrained, retrain_wall, retrain_mem, None
+            model, wall, memory, circuits = reference.model, reference.wall, reference.memory, None
         elif name == "original":
             model, wall, memory, circuits = base, 0.0, None, None
         else:
             model, wall, memory, circuits = run_method(name, base, data, seeded)
-        figures, per_user = measure(model, data, probe, settings)
-        log.info("%s: %.1fs, ndcg10 %.4f, auc loss %.3f", name, wall, figures["ndcg10_retain"], figures["mia_auc_loss"])
         if circuits is not None:
             extras["circuits"] = circuits
-        rows.append({
-            "method": name, "scope": setting.scope, "deletion_rate": setting.deletion_rate, "seed": seed,
-            **figures,
-            "privleak": (figures["mia_auc_loss"] - retrain_figures["mia_auc_loss"]) / retrain_figures["mia_auc_loss"],
-            "jsd_to_retrain": jensen_shannon(next_item_distributions(model, data, max_len), retrain_dist),
-            "wall_s": wall, "speedup_vs_retrain": retrain_wall / wall if wall else None, "peak_mem_mb": memory,
-            "forgotten_users": len(data.forgotten_users), "eval_users": len(data.eval_targets),
-            **intervals(per_user, retrain_per_user, settings, seed),
-        })  # fmt: skip
+        rows.append(method_row(name, model, wall, memory, data, reference, settings, setting, seed))
     return rows, extras
 
 
+def tuning_variants(settings: Settings) -> list[tuple[dict, Settings]]:
+    """Every candidate of `bench.tuning`: each method at each learning rate, CURE also at each retain fraction."""
+    tuning, variants = settings.bench.tuning, []
+    for rate in tuning.learning_rates:
+        for method in tuning.methods:
+            fractions = tuning.cure_retain_fractions if method == "cure" else (None,)
+            for fraction in fractions:
+                unlearn = settings.unlearn.model_copy(update={"learning_rate": rate})
+                update = {"unlearn": unlearn}
+                if fraction is not None:
+                    update["circuits"] = settings.circuits.model_copy(update={"retain_fraction": fraction})
+                variant = {"method": method, "learning_rate": rate, "retain_fraction": fraction}
+                variants.append((variant, settings.model_copy(update=update)))
+    return variants
+
+
+def tune(
+    base: LlamaForCausalLM, snapshot: Snapshot, settings: Settings, report: Callable[[dict], None] = lambda row: None
+) -> list[dict]:
+    """Rows for every tuning variant on every tuning seed (the quick_rate user setting), each against one
+    retrain of its seed's batch; `report` sees each row as it is done."""
+    setting, rows = Setting("user", settings.bench.quick_rate), []
+    for seed in settings.bench.tuning.seeds:
+        data = batch_data(snapshot, setting, seed)
+        seeded = settings.model_copy(update={"seed": seed})
+        reference = retrain_reference(base, data, seeded)
+        for variant, variant_settings in tuning_variants(seeded):
+            name = variant["method"]
+            model, wall, memory, _ = run_method(name, base, data, variant_settings)
+            rows.append({**method_row(name, model, wall, memory, data, reference, settings, setting, seed), **variant})
+            report(rows[-1])
+    return rows
+
+
+TUNING_KEYS = (
+    "ndcg10_vs_retrain", *(f"mia_auc_{a}" for a in ATTACKS), *(f"mia_auc_{a}_minus_retrain" for a in ATTACKS),
+    "jsd_to_retrain", "speedup_vs_retrain",
+)  # fmt: skip
+
+
+def choose(rows: list[dict], band: tuple[float, float]) -> dict:
+    """The rule of `bench.tuning`, forgetting first: the smallest learning rate at which every method's mean
+    AUC (over the tuning seeds) lies inside the band on every attack, CURE counting as inside if one of its
+    retain fractions is; then, at that rate, CURE's retain fraction with the highest mean NDCG@10 ratio to
+    retrain among those inside the band. Returns the means it decided on and the choice (None if none fits)."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["method"], row["learning_rate"], row["retain_fraction"]), []).append(row)
+    means = []
+    for (method, rate, fraction), members in groups.items():
+        entry = {"method": method, "learning_rate": rate, "retain_fraction": fraction, "seeds": len(members)}
+        for key in TUNING_KEYS:
+            entry[key] = float(np.mean([m[key] for m in members]))
+        entry["in_band"] = all(band[0] <= entry[f"mia_auc_{a}"] <= band[1] for a in ATTACKS)
+        means.append(entry)
+    methods = {e["method"] for e in means}
+    choice = {"learning_rate": None, "retain_fraction": None}
+    for rate in sorted({e["learning_rate"] for e in means}):
+        at_rate = [e for e in means if e["learning_rate"] == rate]
+        if all(any(e["in_band"] for e in at_rate if e["method"] == m) for m in methods):
+            choice["learning_rate"] = rate
+            cure = [e for e in at_rate if e["method"] == "cure" and e["in_band"]]
+            if cure:
+                choice["retain_fraction"] = max(cure, key=lambda e: e["ndcg10_vs_retrain"])["retain_fraction"]
+            break
+    return {"means": means, "choice": choice}
+
+
 def retrain_floor(
-    base: LlamaForCausalLM,
-    data: UnlearningData,
-    settings: Settings,
-    setting: Setting,
-    seed: int,
-    first: LlamaForCausalLM,
-    first_per_user: dict,
+    base: LlamaForCausalLM, data: UnlearningData, settings: Settings, setting: Setting, seed: int, first: Reference
 ) -> dict:
     """Two retrains of the same batch that differ only in their seed: the divergence no method can beat,
     and how far apart their utility and leakage land by chance alone."""
-    other_settings = settings.model_copy(update={"seed": seed + 1000})
-    second, _, _, _ = run_method("retrain", base, data, other_settings)
-    probe = LeakageProbe(data, settings)
-    figures, per_user = measure(second, data, probe, settings)
-    paired = intervals(per_user, first_per_user, settings, seed)
+    second = retrain_reference(base, data, settings.model_copy(update={"seed": seed + 1000}))
+    paired = intervals(second.per_user, first.per_user, settings, seed)
     return {
         "scope": setting.scope, "deletion_rate": setting.deletion_rate, "seed": seed,
-        "jsd_retrain_vs_retrain": jensen_shannon(next_item_distributions(first, data, settings.model.max_len),
-                                                 next_item_distributions(second, data, settings.model.max_len)),
+        "jsd_retrain_vs_retrain": jensen_shannon(first.distributions, second.distributions),
         "ndcg10_ratio": paired["ndcg10_vs_retrain"], "ndcg10_ratio_ci": paired["ndcg10_vs_retrain_ci"],
         **{f"auc_diff_{attack}": abs(paired[f"mia_auc_{attack}_minus_retrain"]) for attack in ATTACKS},
     }  # fmt: skip
@@ -356,6 +447,33 @@ def markdown_table(summary: list[dict]) -> str:
             *paired,
         ]
     )
+
+
+def tuning_table(decision: dict, settings: Settings) -> str:
+    """The means `choose` decided on, one line per variant, and what it chose."""
+    lines = [
+        f"Tuning seeds {list(settings.bench.tuning.seeds)}, {settings.bench.quick_rate:.0%} user deletion; means over "
+        "seeds; the NDCG ratio and AUC differences are paired with a retrain of the same batch.",
+        "",
+        "| method | learning rate | retain fraction | NDCG@10 vs retrain | MIA AUC loss / Min-K / Min-K++ | in band "
+        "| AUC minus retrain | JSD to retrain | speed-up |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for e in sorted(decision["means"], key=lambda e: (e["learning_rate"], e["method"], e["retain_fraction"] or 0)):
+        aucs = " / ".join(f"{e[f'mia_auc_{a}']:.3f}" for a in ATTACKS)
+        diffs = " / ".join(f"{e[f'mia_auc_{a}_minus_retrain']:+.3f}" for a in ATTACKS)
+        lines.append(
+            f"| {e['method']} | {e['learning_rate']} | {e['retain_fraction'] or '—'} | {e['ndcg10_vs_retrain']:.3f} "
+            f"| {aucs} | {'yes' if e['in_band'] else 'no'} | {diffs} | {e['jsd_to_retrain']:.3f} "
+            f"| {e['speedup_vs_retrain']:.1f}× |"
+        )
+    choice = decision["choice"]
+    lines += [
+        "",
+        f"Chosen by the rule of bench.tuning (params.yaml): learning rate {choice['learning_rate']}, "
+        f"CURE retain fraction {choice['retain_fraction']}.",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def pareto_plot(summary: list[dict], path) -> None:

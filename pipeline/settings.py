@@ -118,23 +118,32 @@ class CircuitSettings(_Frozen):
     drift: DriftSettings
 
 
+class TuningSettings(_Frozen):
+    """Where the benchmark's hyperparameters are chosen (`lethe bench --tuning`): never on reported seeds."""
+
+    seeds: tuple[int, ...] = Field(min_length=1)
+    methods: tuple[str, ...] = Field(min_length=1)  # whose mean AUC must reach the band at the chosen rate
+    learning_rates: tuple[float, ...] = Field(min_length=1)  # candidates for bench.unlearn.learning_rate
+    cure_retain_fractions: tuple[float, ...] = Field(min_length=1)  # candidates for circuits.retain_fraction
+
+
 class BenchSettings(_Frozen):
     methods: tuple[str, ...] = Field(min_length=1)
     user_rates: tuple[float, ...] = Field(min_length=1)
     interaction_rate: float = Field(gt=0.0, lt=1.0)
     interaction_item_share: float = Field(gt=0.0, le=1.0)
     seeds: tuple[int, ...] = Field(min_length=1)
-    tuning_seed: int
     floor_rate: float = Field(gt=0.0, lt=1.0)
     quick_rate: float = Field(gt=0.0, lt=1.0)
     quick_max_steps: int = Field(ge=1)
     # unlearn keys the benchmark sets differently from the nightly (its batches are far larger)
     unlearn: dict[str, float | int | str] = Field(default_factory=dict)
+    tuning: TuningSettings
 
     @model_validator(mode="after")
-    def _tuning_seed_is_not_reported(self) -> BenchSettings:
-        if self.tuning_seed in self.seeds:
-            raise ValueError("bench.tuning_seed must not be one of the reported bench.seeds")
+    def _tuning_seeds_are_not_reported(self) -> BenchSettings:
+        if shared := sorted(set(self.tuning.seeds) & set(self.seeds)):
+            raise ValueError(f"bench.tuning.seeds {shared} are also reported bench.seeds; keep them apart")
         return self
 
 

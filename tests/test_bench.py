@@ -1,12 +1,13 @@
 """`lethe bench --quick` end to end on the tiny config: every method, one row each, logged to MLflow."""
 
+import hashlib
 import json
 
 import mlflow
 import pytest
 
 from components import bench
-from pipeline.bench import ROW_KEYS, jensen_shannon
+from pipeline.bench import ROW_KEYS, choose, jensen_shannon
 from tests.conftest import write_params
 
 pytestmark = pytest.mark.e2e
@@ -52,6 +53,8 @@ def test_quick_benchmark_writes_rows_table_plot_and_runs(tmp_path, monkeypatch):
     assert summary["retrain_floor"] and 0.0 <= summary["circuit_stability"]["jaccard_successive_batches"] <= 1.0
     table = (out / "benchmark.md").read_text()
     assert "| cure | user | 0.05 |" in table and "| original | user | 0.05 |" in table
+    weights = (home / "models" / "base" / "model.safetensors").read_bytes()
+    assert summary["base_model"]["weights_sha256"] == hashlib.sha256(weights).hexdigest()
     floor = summary["retrain_floor"][0]
     assert floor["ndcg10_ratio_ci"][0] <= floor["ndcg10_ratio"] <= floor["ndcg10_ratio_ci"][1]
     assert (out / "pareto.png").stat().st_size > 0
@@ -59,3 +62,73 @@ def test_quick_benchmark_writes_rows_table_plot_and_runs(tmp_path, monkeypatch):
     mlflow.set_tracking_uri(f"sqlite:///{home / 'mlflow.db'}")
     children = mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{result['run_id']}'")
     assert len(children) == len(rows)
+
+
+def _tuning_row(method, rate, fraction, seed, ratio, auc):
+    return {
+        "method": method, "learning_rate": rate, "retain_fraction": fraction, "seed": seed,
+        "ndcg10_vs_retrain": ratio, "jsd_to_retrain": 0.3, "speedup_vs_retrain": 5.0,
+        **{f"mia_auc_{a}": auc for a in ("loss", "mink", "minkpp")},
+        **{f"mia_auc_{a}_minus_retrain": auc - 0.5 for a in ("loss", "mink", "minkpp")},
+    }  # fmt: skip
+
+
+def test_choose_takes_the_smallest_rate_that_forgets_then_cures_best_fraction():
+    band = (0.45, 0.55)
+    rows = []
+    for seed, wobble in ((0, -0.02), (1, 0.02)):  # the rule reads means over seeds, not single seeds
+        rows += [
+            _tuning_row("grad_diff", 0.01, None, seed, 0.95, 0.60 + wobble),  # not forgotten: 0.01 is out
+            _tuning_row("cure", 0.01, 0.5, seed, 0.99, 0.50),
+            _tuning_row("grad_diff", 0.02, None, seed, 0.90, 0.54 + wobble),  # mean 0.54: inside
+            _tuning_row("cure", 0.02, 0.5, seed, 0.80, 0.50),
+            _tuning_row("cure", 0.02, 0.7, seed, 0.85, 0.52),
+            _tuning_row("cure", 0.02, 0.9, seed, 0.99, 0.58),  # best utility, but it does not forget
+            _tuning_row("grad_diff", 0.03, None, seed, 0.70, 0.50),
+            _tuning_row("cure", 0.03, 0.7, seed, 0.95, 0.50),
+        ]
+    decision = choose(rows, band)
+    assert decision["choice"] == {"learning_rate": 0.02, "retain_fraction": 0.7}
+    grad_diff = next(e for e in decision["means"] if e["method"] == "grad_diff" and e["learning_rate"] == 0.02)
+    assert grad_diff["seeds"] == 2 and grad_diff["mia_auc_loss"] == pytest.approx(0.54) and grad_diff["in_band"]
+    never = [r for r in rows if not (r["method"] == "grad_diff" and r["learning_rate"] > 0.01)]
+    assert choose(never, band)["choice"] == {"learning_rate": None, "retain_fraction": None}
+
+
+def test_tuning_runs_every_variant_on_the_tuning_seeds_only(tmp_path, monkeypatch):
+    params = write_params(
+        tmp_path / "params.yaml",
+        **{
+            "bench.tuning.seeds": [7],
+            "bench.tuning.methods": ["grad_diff", "cure"],
+            "bench.tuning.learning_rates": [0.005, 0.05],
+            "bench.tuning.cure_retain_fractions": [0.3, 0.7],
+            "unlearn.max_steps": 10,
+        },
+    )
+    home, out = tmp_path / ".lethe", tmp_path / "results"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    result = bench.main(["--params", str(params), "--home", str(home), "--tuning", "--out", str(out)])
+
+    record = json.loads((out / "tuning.json").read_text())
+    rows = record["rows"]
+    assert {row["seed"] for row in rows} == {7}
+    variants = {(row["method"], row["learning_rate"], row["retain_fraction"]) for row in rows}
+    assert variants == {
+        (m, r, f) for r in (0.005, 0.05) for m, f in (("grad_diff", None), ("cure", 0.3), ("cure", 0.7))
+    }
+    assert len(rows) == len(variants)
+
+    # each variant really ran with its own settings: the same method at another rate or fraction lands elsewhere
+    def figures(method, rate, fraction):
+        row = next(
+            r for r in rows if (r["method"], r["learning_rate"], r["retain_fraction"]) == (method, rate, fraction)
+        )
+        return row["mia_auc_loss"], row["ndcg10_retain"], row["jsd_to_retrain"]
+
+    assert figures("grad_diff", 0.005, None) != figures("grad_diff", 0.05, None)
+    assert figures("cure", 0.05, 0.3) != figures("cure", 0.05, 0.7)
+    assert record["choice"] == choose(rows, (0.45, 0.55))["choice"] == result["choice"]
+    assert record["base_model"]["weights_sha256"]
+    table = (out / "tuning.md").read_text()
+    assert table.count("| cure |") == 4 and f"learning rate {result['choice']['learning_rate']}" in table

@@ -26,6 +26,7 @@ def test_settings_are_frozen(settings: Settings):
         (lambda p: p["unlearn"].update(target_auc_band=[0.6, 0.7]), "target_auc_band"),
         (lambda p: p["model"]["tiny"].update(hidden_size=30, num_attention_heads=4), "divisible"),
         (lambda p: p["eval"].update(ks=[5, 20]), "must contain 10"),
+        (lambda p: p["bench"]["tuning"].update(seeds=[0, p["bench"]["seeds"][0]]), "also reported bench.seeds"),
     ],
 )
 def test_invalid_params_name_the_key(tmp_path: Path, mutate, message):
