@@ -304,27 +304,14 @@ def tune(
     return rows
 
 
-TUNING_KEYS = (
-    "ndcg10_vs_retrain", *(f"mia_auc_{a}" for a in ATTACKS), *(f"mia_auc_{a}_minus_retrain" for a in ATTACKS),
-    "jsd_to_retrain", "speedup_vs_retrain",
-)  # fmt: skip
-
-
 def choose(rows: list[dict], band: tuple[float, float]) -> dict:
     """The rule of `bench.tuning`, forgetting first: the smallest learning rate at which every method's mean
     AUC (over the tuning seeds) lies inside the band on every attack, CURE counting as inside if one of its
     retain fractions is; then, at that rate, CURE's retain fraction with the highest mean NDCG@10 ratio to
     retrain among those inside the band. Returns the means it decided on and the choice (None if none fits)."""
-    groups: dict[tuple, list[dict]] = {}
-    for row in rows:
-        groups.setdefault((row["method"], row["learning_rate"], row["retain_fraction"]), []).append(row)
-    means = []
-    for (method, rate, fraction), members in groups.items():
-        entry = {"method": method, "learning_rate": rate, "retain_fraction": fraction, "seeds": len(members)}
-        for key in TUNING_KEYS:
-            entry[key] = float(np.mean([m[key] for m in members]))
+    means = summarise(rows, by=("method", "learning_rate", "retain_fraction"))
+    for entry in means:
         entry["in_band"] = all(band[0] <= entry[f"mia_auc_{a}"] <= band[1] for a in ATTACKS)
-        means.append(entry)
     methods = {e["method"] for e in means}
     choice = {"learning_rate": None, "retain_fraction": None}
     for rate in sorted({e["learning_rate"] for e in means}):
@@ -391,16 +378,17 @@ SUMMARY_KEYS = (
 )  # fmt: skip
 
 
-def summarise(rows: list[dict]) -> list[dict]:
-    """Per (method, scope, rate): mean, standard deviation and a 95% t-interval across seeds."""
+def summarise(rows: list[dict], by: tuple[str, ...] = ("method", "scope", "deletion_rate")) -> list[dict]:
+    """Per group of rows (by default method, scope and rate): mean, standard deviation and a 95% t-interval
+    across seeds."""
     from scipy import stats
 
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        groups.setdefault((row["method"], row["scope"], row["deletion_rate"]), []).append(row)
+        groups.setdefault(tuple(row[key] for key in by), []).append(row)
     summary = []
-    for (method, scope, rate), members in groups.items():
-        entry = {"method": method, "scope": scope, "deletion_rate": rate, "seeds": len(members)}
+    for values_by, members in groups.items():
+        entry = {**dict(zip(by, values_by, strict=True)), "seeds": len(members)}
         for key in SUMMARY_KEYS:
             values = np.array([m[key] for m in members if m.get(key) is not None], dtype=float)
             if not len(values):
