@@ -78,8 +78,9 @@ def tuning(base, snapshot, settings, out: Path, provenance: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     cli = parser("bench", __doc__)
-    cli.add_argument("--quick", action="store_true", help="one rate, one seed, few steps: a smoke run")
-    cli.add_argument(
+    mode = cli.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="one rate, one seed, few steps: a smoke run")
+    mode.add_argument(
         "--tuning",
         action="store_true",
         help="choose the learning rate and CURE's retain fraction by bench.tuning's rule, on its seeds only",

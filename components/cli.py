@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
         commands.add_parser(step, help=f"run the {step} step alone")
     bench = commands.add_parser("bench", help="benchmark every unlearning method against retraining")
     bench.add_argument("--quick", action="store_true", help="one rate, one seed, few steps")
-    bench.add_argument("--tuning", action="store_true", help="the tuning seeds only")
+    bench.add_argument("--tuning", action="store_true", help="choose hyperparameters on bench.tuning.seeds")
     bench.add_argument("--out", default="results")
     intake = commands.add_parser("ingest", help="take a deletion log into the ledger and validate it")
     intake.add_argument("source", help="a .jsonl file, a folder of them, or s3://bucket/prefix/")
