@@ -209,6 +209,7 @@ class Reference:
     model: LlamaForCausalLM
     wall: float
     memory: float
+    probe: LeakageProbe  # the batch's forgotten users and non-members, windowed once for every row
     figures: dict
     per_user: dict
     distributions: torch.Tensor
@@ -216,9 +217,10 @@ class Reference:
 
 def retrain_reference(base: LlamaForCausalLM, data: UnlearningData, settings: Settings) -> Reference:
     model, wall, memory, _ = run_method("retrain", base, data, settings)
-    figures, per_user = measure(model, data, LeakageProbe(data, settings), settings)
+    probe = LeakageProbe(data, settings)
+    figures, per_user = measure(model, data, probe, settings)
     return Reference(
-        model, wall, memory, figures, per_user, next_item_distributions(model, data, settings.model.max_len)
+        model, wall, memory, probe, figures, per_user, next_item_distributions(model, data, settings.model.max_len)
     )
 
 
@@ -227,7 +229,7 @@ def method_row(
     reference: Reference, settings: Settings, setting: Setting, seed: int,
 ) -> dict:  # fmt: skip
     """One row: a model's figures, its divergence from the retrained model, and its paired comparison."""
-    figures, per_user = measure(model, data, LeakageProbe(data, settings), settings)
+    figures, per_user = measure(model, data, reference.probe, settings)
     log.info("%s: %.1fs, ndcg10 %.4f, auc loss %.3f", name, wall, figures["ndcg10_retain"], figures["mia_auc_loss"])
     retrain_loss = reference.figures["mia_auc_loss"]
     distributions = next_item_distributions(model, data, settings.model.max_len)

@@ -11,7 +11,7 @@ by its mean (mean ablation). One forward and one backward per batch.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -49,22 +49,35 @@ def _per_unit(model: LlamaForCausalLM, site: str, values: torch.Tensor) -> torch
     return values.reshape(*values.shape[:-1], heads, values.shape[-1] // heads).sum(-1)
 
 
+def _on_activation(
+    module: torch.nn.Module, site: str, hook: Callable[[torch.Tensor], torch.Tensor | None]
+) -> torch.utils.hooks.RemovableHandle:
+    """Call `hook` on a site's activation (the item head's output; a layer's input otherwise); a tensor it
+    returns replaces the activation."""
+    if site == "items":
+        return module.register_forward_hook(lambda module, args, output: hook(output))
+
+    def pre_hook(module, args):
+        replaced = hook(args[0])
+        return None if replaced is None else (replaced, *args[1:])
+
+    return module.register_forward_pre_hook(pre_hook)
+
+
 @contextmanager
 def _capture(model: LlamaForCausalLM, items: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """Record each site's activation (a layer's input; the item head's output) and, after backward, its gradient."""
     captured: dict[str, torch.Tensor] = {}
-    handles = []
 
     def record(site: str, activation: torch.Tensor) -> None:
         captured[f"{site}.act"] = activation.detach()
         if activation.requires_grad:
             activation.register_hook(lambda grad: captured.__setitem__(f"{site}.grad", grad.detach()))
 
-    for site, module in _sites(model, items).items():
-        if site == "items":
-            handles.append(module.register_forward_hook(lambda module, args, output, site=site: record(site, output)))
-        else:
-            handles.append(module.register_forward_pre_hook(lambda module, args, site=site: record(site, args[0])))
+    handles = [
+        _on_activation(module, site, lambda activation, site=site: record(site, activation))
+        for site, module in _sites(model, items).items()
+    ]
     try:
         yield captured
     finally:
@@ -253,12 +266,7 @@ def mean_ablated(model: LlamaForCausalLM, units: set[tuple[str, int]], means: di
             activation[..., features] = mean[features]
             return activation
 
-        if site == "items":
-            handles.append(module.register_forward_hook(lambda module, args, output, ablate=ablate: ablate(output)))
-        else:
-            handles.append(
-                module.register_forward_pre_hook(lambda module, args, ablate=ablate: (ablate(args[0]), *args[1:]))
-            )
+        handles.append(_on_activation(module, site, ablate))
     try:
         yield model
     finally:
