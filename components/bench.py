@@ -5,10 +5,12 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import platform
 import time
 from pathlib import Path
 
 import mlflow
+import torch
 
 from components._common import context, entry_point, parser
 from components.train import ensure_base_model
@@ -38,16 +40,25 @@ def _lines(records: list[dict]) -> str:
 
 
 def base_provenance(directory: Path, meta: dict) -> dict:
-    """Which base model every row started from: a base trained elsewhere (another ledger, older params) gives
-    other figures, so the results name its weights' hash, its data snapshot and its own test utility."""
+    """Which base model every row started from: a base trained elsewhere (another ledger, older params, another
+    CPU: the same seed gives other float rounding, hence other weights, on another processor) gives other
+    figures, so the results name its weights' hash, its data snapshot, its own test utility and the machine."""
     train = json.loads((directory / "train.json").read_text())
     return {
+        "machine": {"cpu": _cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__},
         "weights_sha256": hashlib.sha256((directory / "model.safetensors").read_bytes()).hexdigest(),
         "snapshot_hash": meta.get("snapshot_hash"),
         "seed": meta.get("seed"),
         "members": train.get("members"),
         "test": train.get("test"),
     }
+
+
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def tuning(base, snapshot, settings, out: Path, provenance: dict) -> dict:

@@ -34,7 +34,7 @@ from pipeline.evaluate import (
     rank_users,
     utility_metrics,
 )
-from pipeline.model import IGNORE, make_windows
+from pipeline.model import make_windows, scored_logits
 from pipeline.requests import DeletionRequest
 from pipeline.settings import Settings
 from pipeline.splits import UnlearningData, build_split, unlearning_data
@@ -108,8 +108,7 @@ class PeakMemory:
 def next_item_distributions(model: LlamaForCausalLM, data: UnlearningData, max_len: int) -> torch.Tensor:
     """Softmax over items at every forgotten position of the forgotten users (the same prefixes for all)."""
     windows = make_windows(data.forget_sequences, max_len, data.forget_scored)
-    logits = model(input_ids=windows.input_ids, attention_mask=windows.attention_mask).logits
-    return torch.softmax(logits[windows.labels != IGNORE][:, FIRST_ITEM_TOKEN:].double(), dim=-1)
+    return torch.softmax(scored_logits(model, windows)[:, FIRST_ITEM_TOKEN:].double(), dim=-1)
 
 
 def jensen_shannon(first: torch.Tensor, second: torch.Tensor) -> float:

@@ -99,7 +99,9 @@ def attribution_scores(
             model.zero_grad(set_to_none=True)
             window_loss(model, batch).backward()
         for site in _sites(model, items):
-            activation, gradient = captured[f"{site}.act"][scored], captured[f"{site}.grad"][scored]
+            activation, gradient = captured[f"{site}.act"], captured[f"{site}.grad"]
+            if site != "items":  # the item head runs on the scored positions only (model.scored_logits)
+                activation, gradient = activation[scored], gradient[scored]
             centred = activation - activation.mean(dim=0, keepdim=True)
             contribution = _per_unit(model, site, centred * gradient).abs().sum(dim=0)
             totals[site] = totals.get(site, 0) + contribution

@@ -130,22 +130,30 @@ def make_windows(
     return Windows(torch.tensor(users), torch.tensor(inputs), torch.tensor(labels))
 
 
+def scored_logits(model: LlamaForCausalLM, windows: Windows) -> torch.Tensor:
+    """Logits at the scored positions only, shape (scored positions, vocabulary), in row-major order of
+    (window, position). The item head over the whole vocabulary is most of a small model's cost, and padded
+    or unscored positions need none of it."""
+    hidden = model.model(input_ids=windows.input_ids, attention_mask=windows.attention_mask).last_hidden_state
+    return model.lm_head(hidden[windows.labels != IGNORE])
+
+
+def scored_labels(windows: Windows) -> torch.Tensor:
+    """The labels of the scored positions, in the order of `scored_logits`' rows."""
+    return windows.labels[windows.labels != IGNORE]
+
+
 def window_loss(model: LlamaForCausalLM, windows: Windows) -> torch.Tensor:
     """Mean next-item cross-entropy over the scored positions of a batch of windows."""
-    logits = model(input_ids=windows.input_ids, attention_mask=windows.attention_mask).logits
-    return torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), windows.labels.reshape(-1), ignore_index=IGNORE
-    )
+    return torch.nn.functional.cross_entropy(scored_logits(model, windows), scored_labels(windows))
 
 
 def window_nll(model: LlamaForCausalLM, windows: Windows) -> torch.Tensor:
     """Per window: mean next-item cross-entropy over its scored positions, shape (n,)."""
-    logits = model(input_ids=windows.input_ids, attention_mask=windows.attention_mask).logits
     scored = windows.labels != IGNORE
-    losses = torch.nn.functional.cross_entropy(
-        logits.transpose(1, 2), windows.labels, ignore_index=IGNORE, reduction="none"
-    )
-    return (losses * scored).sum(1) / scored.sum(1).clamp_min(1)
+    losses = torch.nn.functional.cross_entropy(scored_logits(model, windows), scored_labels(windows), reduction="none")
+    rows = torch.arange(len(windows)).unsqueeze(1).expand_as(scored)[scored]
+    return torch.zeros(len(windows)).index_add(0, rows, losses) / scored.sum(1).clamp_min(1)
 
 
 @torch.no_grad()
@@ -161,8 +169,8 @@ def next_item_logits(
         inputs = torch.full((len(chunk), max_len), PAD_TOKEN, dtype=torch.long)
         for row, tokens in enumerate(chunk):
             inputs[row, : len(tokens)] = torch.tensor(tokens)
-        logits = model(input_ids=inputs, attention_mask=(inputs != PAD_TOKEN).long()).logits
-        rows.append(logits[torch.arange(len(chunk)), lengths - 1, FIRST_ITEM_TOKEN:])
+        hidden = model.model(input_ids=inputs, attention_mask=(inputs != PAD_TOKEN).long()).last_hidden_state
+        rows.append(model.lm_head(hidden[torch.arange(len(chunk)), lengths - 1])[:, FIRST_ITEM_TOKEN:])
     return torch.cat(rows) if rows else torch.zeros(0, model.config.vocab_size - FIRST_ITEM_TOKEN)
 
 
@@ -183,13 +191,12 @@ def position_stats(model: LlamaForCausalLM, windows: Windows, batch_size: int) -
     users, log_probs, means, stds = [], [], [], []
     for start in range(0, len(windows), batch_size):
         batch = windows.batch(slice(start, start + batch_size))
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         scored = batch.labels != IGNORE
-        log_p = torch.log_softmax(logits[scored].float(), dim=-1)
+        log_p = torch.log_softmax(scored_logits(model, batch), dim=-1)
         p = log_p.exp()
-        mean = (p * log_p).sum(-1)
-        var = (p * log_p.square()).sum(-1) - mean.square()
-        log_probs.append(log_p.gather(1, batch.labels[scored].unsqueeze(1)).squeeze(1))
+        mean = torch.einsum("nv,nv->n", p, log_p)  # a batched dot: no (positions x vocabulary) temporary
+        var = torch.einsum("nv,nv->n", p.mul_(log_p), log_p) - mean.square()  # E[(log p)^2] - E[log p]^2
+        log_probs.append(log_p.gather(1, scored_labels(batch).unsqueeze(1)).squeeze(1))
         means.append(mean)
         stds.append(var.clamp_min(1e-12).sqrt())
         users.append(batch.users.unsqueeze(1).expand_as(scored)[scored])

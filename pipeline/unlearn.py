@@ -22,11 +22,12 @@ from transformers import LlamaForCausalLM
 from pipeline.circuits import Circuits, circuits_for
 from pipeline.evaluate import ATTACKS, attack_scores, auc, membership_auc
 from pipeline.model import (
-    IGNORE,
     Windows,
     build_model,
     make_windows,
     position_stats,
+    scored_labels,
+    scored_logits,
     seed_everything,
     window_loss,
     window_nll,
@@ -59,9 +60,8 @@ def method_named(name: str) -> type[UnlearningMethod]:
 
 
 def token_log_probs(model: LlamaForCausalLM, windows: Windows) -> torch.Tensor:
-    scored = windows.labels != IGNORE
-    logits = model(input_ids=windows.input_ids, attention_mask=windows.attention_mask).logits[scored]
-    return torch.log_softmax(logits, -1).gather(1, windows.labels[scored].unsqueeze(1)).squeeze(1)
+    log_p = torch.log_softmax(scored_logits(model, windows), -1)
+    return log_p.gather(1, scored_labels(windows).unsqueeze(1)).squeeze(1)
 
 
 class LeakageProbe:
@@ -173,15 +173,12 @@ class UnlearningMethod:
     def retain_terms(self, retain: Windows) -> tuple[torch.Tensor, torch.Tensor]:
         """From one forward pass: the retain task loss (NLL) and the term that holds utility in place, which
         is that NLL or the mean KL(model before unlearning || model) at the scored positions."""
-        scored = retain.labels != IGNORE
-        logits = self.model(input_ids=retain.input_ids, attention_mask=retain.attention_mask).logits[scored]
-        log_p = torch.log_softmax(logits, -1)
-        task = torch.nn.functional.nll_loss(log_p, retain.labels[scored])
+        log_p = torch.log_softmax(scored_logits(self.model, retain), -1)
+        task = torch.nn.functional.nll_loss(log_p, scored_labels(retain))
         if self.settings.retain_loss == "nll":
             return task, task
         with torch.no_grad():
-            reference = self.reference(input_ids=retain.input_ids, attention_mask=retain.attention_mask).logits
-            target = torch.log_softmax(reference[scored], -1)
+            target = torch.log_softmax(scored_logits(self.reference, retain), -1)
         return task, torch.nn.functional.kl_div(log_p, target, log_target=True, reduction="batchmean")
 
     def retain_loss(self, retain: Windows) -> torch.Tensor:

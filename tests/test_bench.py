@@ -5,6 +5,7 @@ import json
 
 import mlflow
 import pytest
+import torch
 
 from components import bench
 from pipeline.bench import ROW_KEYS, choose, jensen_shannon
@@ -55,6 +56,7 @@ def test_quick_benchmark_writes_rows_table_plot_and_runs(tmp_path, monkeypatch):
     assert "| cure | user | 0.05 |" in table and "| original | user | 0.05 |" in table
     weights = (home / "models" / "base" / "model.safetensors").read_bytes()
     assert summary["base_model"]["weights_sha256"] == hashlib.sha256(weights).hexdigest()
+    assert summary["base_model"]["machine"]["torch"] == torch.__version__ and summary["base_model"]["machine"]["cpu"]
     floor = summary["retrain_floor"][0]
     assert floor["ndcg10_ratio_ci"][0] <= floor["ndcg10_ratio"] <= floor["ndcg10_ratio_ci"][1]
     assert (out / "pareto.png").stat().st_size > 0

@@ -1,8 +1,18 @@
 import torch
 
-from pipeline.data import BOS_TOKEN, PAD_TOKEN
+from pipeline.data import BOS_TOKEN, FIRST_ITEM_TOKEN, PAD_TOKEN
 from pipeline.evaluate import rank_users
-from pipeline.model import IGNORE, build_model, load_model, make_windows, next_item_logits, save_model
+from pipeline.model import (
+    IGNORE,
+    build_model,
+    load_model,
+    make_windows,
+    next_item_logits,
+    position_stats,
+    save_model,
+    window_loss,
+    window_nll,
+)
 
 
 def test_windows_cut_sequences_and_respect_masks():
@@ -43,3 +53,36 @@ def test_ranks_ignore_history_length_padding(trained, snapshot, settings):
     together = rank_users(model, histories, targets, settings.model.max_len, batch_size=6)
     one_by_one = rank_users(model, histories, targets, settings.model.max_len, batch_size=1)
     assert together == one_by_one
+
+
+def test_losses_and_probe_statistics_skip_unscored_positions_without_changing_them(trained, snapshot, settings):
+    """The item head runs on scored positions only: the figures must be those of the full forward pass."""
+    model, _ = trained
+    sequences = snapshot.sequences(("train",), snapshot.members[:5])
+    scored = {user: [i % 3 != 1 for i in range(len(items))] for user, items in sequences.items()}
+    windows = make_windows(sequences, settings.model.max_len, scored)
+    assert (windows.input_ids == PAD_TOKEN).any() and (windows.labels == IGNORE).any()
+    with torch.no_grad():
+        logits = model(input_ids=windows.input_ids, attention_mask=windows.attention_mask).logits
+        per_position = torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), windows.labels, ignore_index=IGNORE, reduction="none"
+        )
+        mask = windows.labels != IGNORE
+        assert torch.allclose(window_nll(model, windows), (per_position * mask).sum(1) / mask.sum(1), atol=1e-5)
+        assert torch.isclose(window_loss(model, windows), per_position[mask].mean(), atol=1e-5)
+        log_p = torch.log_softmax(logits[mask], -1)
+        mean = (log_p.exp() * log_p).sum(-1)
+        std = ((log_p.exp() * log_p.square()).sum(-1) - mean.square()).sqrt()
+    stats = position_stats(model, windows, batch_size=2)
+    assert stats.users.tolist() == windows.users.unsqueeze(1).expand_as(mask)[mask].tolist()
+    assert torch.allclose(torch.from_numpy(stats.log_prob), log_p.gather(1, windows.labels[mask][:, None]).squeeze(1))
+    assert torch.allclose(torch.from_numpy(stats.mean_log_prob), mean, atol=1e-4)
+    assert torch.allclose(torch.from_numpy(stats.std_log_prob), std, atol=1e-4)
+    histories = [[5, 6, 7], [8], list(range(5, 5 + 2 * settings.model.max_len))]
+    last = torch.stack(
+        [
+            model(input_ids=torch.tensor([[BOS_TOKEN, *h][-settings.model.max_len :]])).logits[0, -1, FIRST_ITEM_TOKEN:]
+            for h in histories
+        ]
+    )
+    assert torch.allclose(next_item_logits(model, histories, settings.model.max_len, 2), last, atol=1e-5)
