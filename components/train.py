@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from components._common import context, entry_point, load_snapshot, parser, write_manifest
-from pipeline.model import model_meta, save_model
-from pipeline.settings import Home
+from pipeline.model import META_FILE, RECIPE, model_meta, recipe_hash, save_model
+from pipeline.settings import Home, load_settings
 from pipeline.train import train_base
 
 
@@ -33,6 +34,15 @@ def ensure_base_model(params: Path | None, home: Home) -> Path:
     if not (home.base_model / "train.json").exists():
         print("lethe: no base model yet: training it", flush=True)
         main(common)
+        return home.base_model
+    meta = json.loads((home.base_model / META_FILE).read_text())
+    settings, manifest = load_settings(params), json.loads((home.snapshot / "manifest.json").read_text())
+    if meta.get("recipe") != recipe_hash(settings) or meta.get("snapshot_hash") != manifest["content_hash"]:
+        raise ValueError(
+            f"{home.base_model}: this base model was trained on another data snapshot or with other seed, "
+            f"{'/'.join(RECIPE)} settings than {params or 'params.yaml'}; what is built on it would not match "
+            f"a fresh run. Use another --home (LETHE_HOME), or move {home.root} away to start afresh."
+        )
     return home.base_model
 
 

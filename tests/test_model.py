@@ -1,3 +1,6 @@
+import json
+
+import pytest
 import torch
 
 from pipeline.data import BOS_TOKEN, FIRST_ITEM_TOKEN, PAD_TOKEN
@@ -7,6 +10,7 @@ from pipeline.model import (
     build_model,
     load_model,
     make_windows,
+    model_meta,
     next_item_logits,
     position_stats,
     save_model,
@@ -86,3 +90,27 @@ def test_losses_and_probe_statistics_skip_unscored_positions_without_changing_th
         ]
     )
     assert torch.allclose(next_item_logits(model, histories, settings.model.max_len, 2), last, atol=1e-5)
+
+
+def test_a_base_model_from_other_settings_or_data_is_refused_not_reused(tmp_path, trained, snapshot):
+    """A benchmark or a first champion built on a base left over from other params would not match a fresh run."""
+    from components.train import ensure_base_model
+    from pipeline.data import write_snapshot
+    from pipeline.settings import Home, load_settings
+    from tests.conftest import write_params
+
+    model, report = trained
+    home = Home(tmp_path / "home")
+    write_snapshot(snapshot, home.snapshot)
+    params = write_params(tmp_path / "params.yaml")
+    save_model(model, home.base_model, model_meta(snapshot, load_settings(params), lineage="base"))
+    (home.base_model / "train.json").write_text(json.dumps(report))
+    assert ensure_base_model(params, home) == home.base_model
+
+    for changed in ({"train.learning_rate": 0.01}, {"seed": 7}, {"model.max_len": 16}):
+        with pytest.raises(ValueError, match="another data snapshot or with other seed"):
+            ensure_base_model(write_params(tmp_path / "other.yaml", **changed), home)
+    manifest = json.loads((home.snapshot / "manifest.json").read_text())
+    (home.snapshot / "manifest.json").write_text(json.dumps({**manifest, "content_hash": "0" * 64}))
+    with pytest.raises(ValueError, match="another data snapshot"):
+        ensure_base_model(params, home)
