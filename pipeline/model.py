@@ -162,8 +162,8 @@ def window_nll(model: LlamaForCausalLM, windows: Windows) -> torch.Tensor:
     """Per window: mean next-item cross-entropy over its scored positions, shape (n,)."""
     scored = windows.labels != IGNORE
     losses = torch.nn.functional.cross_entropy(scored_logits(model, windows), scored_labels(windows), reduction="none")
-    rows = torch.arange(len(windows)).unsqueeze(1).expand_as(scored)[scored]
-    return torch.zeros(len(windows)).index_add(0, rows, losses) / scored.sum(1).clamp_min(1)
+    rows = torch.arange(len(windows), device=scored.device).unsqueeze(1).expand_as(scored)[scored]
+    return losses.new_zeros(len(windows)).index_add(0, rows, losses) / scored.sum(1).clamp_min(1)
 
 
 @torch.no_grad()
