@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
         settings = settings.model_copy(
             update={"unlearn": settings.unlearn.model_copy(update={"max_steps": bench.quick_max_steps})}
         )
-    base_dir = ensure_base_model(args.params, home)
+    base_dir = ensure_base_model(args.params, home, settings)
     base, meta = load_model(base_dir)
     snapshot = read_snapshot(home.snapshot)
     Registry(home, settings.mlflow)

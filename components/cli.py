@@ -70,7 +70,7 @@ def ensure_champion(settings: Settings, home: Home, params: Path) -> str:
     existing = registry.champion()
     if existing is not None:
         return existing.version
-    ensure_base_model(params, home)
+    ensure_base_model(params, home, settings)
     report = json.loads((home.base_model / "train.json").read_text())
     with mlflow.start_run(run_name="base-model", tags={"lethe.lineage": "base"}):
         mlflow.log_dict(report, "train.json")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from components._common import context, entry_point, load_snapshot, parser, write_manifest
+from components._common import context, entry_point, load_snapshot, parser, read_manifest, write_manifest
 from pipeline.model import META_FILE, RECIPE, model_meta, recipe_hash, save_model
-from pipeline.settings import Home, load_settings
+from pipeline.settings import Home, Settings
 from pipeline.train import train_base
 
 
@@ -24,8 +24,9 @@ def main(argv: list[str] | None = None) -> dict:
     return write_manifest(out / "train.json", report)
 
 
-def ensure_base_model(params: Path | None, home: Home) -> Path:
-    """The snapshot and the base model under LETHE_HOME, prepared and trained once if missing."""
+def ensure_base_model(params: Path | None, home: Home, settings: Settings) -> Path:
+    """The snapshot and the base model under LETHE_HOME, prepared and trained once if missing; `settings` are
+    those loaded from `params`, which a base found there must have been trained with."""
     from components import prepare
 
     common = [*(["--params", str(params)] if params else []), "--home", str(home.root)]
@@ -36,8 +37,8 @@ def ensure_base_model(params: Path | None, home: Home) -> Path:
         main(common)
         return home.base_model
     meta = json.loads((home.base_model / META_FILE).read_text())
-    settings, manifest = load_settings(params), json.loads((home.snapshot / "manifest.json").read_text())
-    if meta.get("recipe") != recipe_hash(settings) or meta.get("snapshot_hash") != manifest["content_hash"]:
+    snapshot_hash = read_manifest(home.snapshot / "manifest.json")["content_hash"]
+    if meta.get("recipe") != recipe_hash(settings) or meta.get("snapshot_hash") != snapshot_hash:
         raise ValueError(
             f"{home.base_model}: this base model was trained on another data snapshot or with other seed, "
             f"{'/'.join(RECIPE)} settings than {params or 'params.yaml'}; what is built on it would not match "

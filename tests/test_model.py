@@ -105,12 +105,13 @@ def test_a_base_model_from_other_settings_or_data_is_refused_not_reused(tmp_path
     params = write_params(tmp_path / "params.yaml")
     save_model(model, home.base_model, model_meta(snapshot, load_settings(params), lineage="base"))
     (home.base_model / "train.json").write_text(json.dumps(report))
-    assert ensure_base_model(params, home) == home.base_model
+    assert ensure_base_model(params, home, load_settings(params)) == home.base_model
 
     for changed in ({"train.learning_rate": 0.01}, {"seed": 7}, {"model.max_len": 16}):
         with pytest.raises(ValueError, match="another data snapshot or with other seed"):
-            ensure_base_model(write_params(tmp_path / "other.yaml", **changed), home)
+            other = write_params(tmp_path / "other.yaml", **changed)
+            ensure_base_model(other, home, load_settings(other))
     manifest = json.loads((home.snapshot / "manifest.json").read_text())
     (home.snapshot / "manifest.json").write_text(json.dumps({**manifest, "content_hash": "0" * 64}))
     with pytest.raises(ValueError, match="another data snapshot"):
-        ensure_base_model(params, home)
+        ensure_base_model(params, home, load_settings(params))
