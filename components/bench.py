@@ -16,6 +16,8 @@ from components._common import context, entry_point, parser
 from components.train import ensure_base_model
 from pipeline.bench import (
     Setting,
+    acceptance,
+    acceptance_table,
     benchmark_setting,
     choose,
     circuit_faithfulness,
@@ -156,6 +158,8 @@ def main(argv: list[str] | None = None) -> dict:
                         faithful.append(circuit_faithfulness(base, extras["data"], extras["circuits"], settings, seed))
         stability = circuit_stability(base, snapshot, settings, seeds if len(seeds) > 1 else [seeds[0], seeds[0] + 1])
         summary = summarise(rows)
+        grid_wall_s = time.perf_counter() - started
+        criteria = acceptance(rows, summary, grid_wall_s, settings)
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "benchmark.json").write_text(json.dumps(rows, indent=2))
         (args.out / "benchmark_summary.json").write_text(
@@ -166,13 +170,15 @@ def main(argv: list[str] | None = None) -> dict:
                     "circuit_stability": stability,
                     "circuit_faithfulness": faithful,
                     "base_model": base_provenance(base_dir, meta),
-                    "wall_s_total": time.perf_counter() - started,
+                    "acceptance": criteria,
+                    "wall_s_total": grid_wall_s,
                 },
                 indent=2,
             )
         )
         table = markdown_table(summary)
         (args.out / "benchmark.md").write_text(
+            f"{acceptance_table(criteria, bench.acceptance.rate)}\n"
             f"{table}\n\nRetrain vs retrain (different seeds), the floor no method can beat:\n{_lines(floors)}\n\n"
             f"Circuit stability (Jaccard of forget-specific units): {json.dumps(stability)}\n\n"
             f"Circuit faithfulness (mean ablation of CURE's circuits on their own model):\n{_lines(faithful)}\n"
@@ -180,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
         pareto_plot(summary, args.out / "pareto.png")
         for name in ("benchmark.json", "benchmark_summary.json", "benchmark.md", "pareto.png"):
             mlflow.log_artifact(str(args.out / name))
-        mlflow.log_metric("wall_s_total", time.perf_counter() - started)
+        mlflow.log_metric("wall_s_total", grid_wall_s)
     print(table)
     return {"rows": len(rows), "out": str(args.out), "run_id": parent.info.run_id}
 

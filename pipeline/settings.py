@@ -127,6 +127,16 @@ class TuningSettings(_Frozen):
     cure_retain_fractions: tuple[float, ...] = Field(min_length=1)  # candidates for circuits.retain_fraction
 
 
+class AcceptanceSettings(_Frozen):
+    """What CURE must show at one user deletion rate (means over the reported seeds) to count as working."""
+
+    rate: float = Field(gt=0.0, lt=1.0)
+    min_ndcg_ratio: float = Field(gt=0.0)  # NDCG@10 on retained users, as a share of retrain's
+    max_auc_gap: float = Field(ge=0.0)  # |MIA AUC - retrain's|, every attack
+    min_speedup: float = Field(gt=0.0)  # retrain's wall time over CURE's, circuit extraction included
+    max_grid_minutes: float = Field(gt=0.0)  # the whole `lethe bench` grid
+
+
 class BenchSettings(_Frozen):
     methods: tuple[str, ...] = Field(min_length=1)
     user_rates: tuple[float, ...] = Field(min_length=1)
@@ -139,6 +149,7 @@ class BenchSettings(_Frozen):
     # unlearn keys the benchmark sets differently from the nightly (its batches are far larger)
     unlearn: dict[str, float | int | str] = Field(default_factory=dict)
     tuning: TuningSettings
+    acceptance: AcceptanceSettings
 
     @model_validator(mode="after")
     def _tuning_seeds_are_not_reported(self) -> BenchSettings:

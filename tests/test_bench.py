@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from components import bench
-from pipeline.bench import ROW_KEYS, choose, jensen_shannon
-from tests.conftest import write_params
+from pipeline.bench import ROW_KEYS, acceptance, choose, jensen_shannon, summarise
+from pipeline.settings import Settings
+from tests.conftest import tiny_params, write_params
 
 pytestmark = pytest.mark.e2e
 
@@ -54,6 +55,9 @@ def test_quick_benchmark_writes_rows_table_plot_and_runs(tmp_path, monkeypatch):
     assert summary["retrain_floor"] and 0.0 <= summary["circuit_stability"]["jaccard_successive_batches"] <= 1.0
     table = (out / "benchmark.md").read_text()
     assert "| cure | user | 0.05 |" in table and "| original | user | 0.05 |" in table
+    judged = {c["criterion"]: c for c in summary["acceptance"]}  # quick_rate is the acceptance rate here
+    assert len(judged) == 7 and judged["whole grid, minutes"]["value"] * 60 == pytest.approx(summary["wall_s_total"])
+    assert "Acceptance at 5% user deletion" in table
     weights = (home / "models" / "base" / "model.safetensors").read_bytes()
     assert summary["base_model"]["weights_sha256"] == hashlib.sha256(weights).hexdigest()
     assert summary["base_model"]["machine"]["torch"] == torch.__version__ and summary["base_model"]["machine"]["cpu"]
@@ -95,6 +99,47 @@ def test_choose_takes_the_smallest_rate_that_forgets_then_cures_best_fraction():
     assert grad_diff["seeds"] == 2 and grad_diff["mia_auc_loss"] == pytest.approx(0.54) and grad_diff["in_band"]
     never = [r for r in rows if not (r["method"] == "grad_diff" and r["learning_rate"] > 0.01)]
     assert choose(never, band)["choice"] == {"learning_rate": None, "retain_fraction": None}
+
+
+def test_acceptance_judges_cure_on_means_and_says_when_an_interval_straddles_the_threshold():
+    def row(method, seed, ratio, gaps, jsd, speedup, rate=0.05):
+        return {
+            "method": method, "scope": "user", "deletion_rate": rate, "seed": seed, "ndcg10_vs_retrain": ratio,
+            **{f"mia_auc_{a}_minus_retrain": gap for a, gap in zip(("loss", "mink", "minkpp"), gaps, strict=True)},
+            "jsd_to_retrain": jsd, "speedup_vs_retrain": speedup,
+        }  # fmt: skip
+
+    cure_by_seed = {  # NDCG ratio, AUC gaps (loss, Min-K, Min-K++), speed-up
+        1: (0.99, (0.01, 0.05, 0.0), 12.0),
+        2: (0.985, (0.015, 0.06, 0.06), 9.0),
+        3: (0.99, (0.005, 0.055, -0.03), 11.0),
+    }
+    rows = []
+    for seed, shared_jsd in ((1, 0.3), (2, 0.5), (3, 0.4)):  # the retrain reference moves every JSD alike
+        ratio, gaps, speedup = cure_by_seed[seed]
+        rows += [
+            row("retrain", seed, 1.0, (0, 0, 0), 0.0, 1.0),
+            row("cure", seed, ratio, gaps, shared_jsd, speedup),
+            row("grad_diff", seed, 0.9, (0, 0, 0), shared_jsd + 0.01, 20.0),
+            row("cure", seed, 0.5, (0.3, 0.3, 0.3), 0.9, 1.0, rate=0.10),  # another rate: not judged
+        ]
+    settings = Settings.model_validate(tiny_params())
+    criteria = {c["criterion"]: c for c in acceptance(rows, summarise(rows), 61 * 60.0, settings)}
+    ndcg = criteria["NDCG@10 on retained users vs retrain"]
+    assert ndcg["value"] == pytest.approx(0.98833, abs=1e-4) and ndcg["holds"] and not ndcg["inside_noise"]
+    loss, mink, minkpp = (criteria[f"MIA AUC ({a}) minus retrain"] for a in ("loss", "mink", "minkpp"))
+    assert loss["holds"] and not loss["inside_noise"]
+    assert not mink["holds"] and not mink["inside_noise"]  # 0.05-0.06 every seed: a clear miss
+    assert minkpp["holds"] and minkpp["inside_noise"]  # mean 0.01, but the seeds range from -0.03 to 0.06
+    jsd = criteria["JSD to retrain minus the lowest other method's (grad_diff)"]
+    # 0.01 below grad_diff on every seed: a sure win although the seeds' JSDs spread over 0.2
+    assert jsd["value"] == pytest.approx(-0.01) and jsd["holds"] and not jsd["inside_noise"]
+    speed = criteria["speed-up over retrain (circuit extraction included)"]
+    assert speed["value"] == pytest.approx(32 / 3) and speed["holds"] and speed["inside_noise"]
+    grid = criteria["whole grid, minutes"]
+    assert grid["value"] == pytest.approx(61.0) and not grid["holds"]
+    without_cure = [r for r in rows if r["method"] != "cure"]
+    assert acceptance(without_cure, summarise(without_cure), 60.0, settings) == []
 
 
 def test_tuning_runs_every_variant_on_the_tuning_seeds_only(tmp_path, monkeypatch):
