@@ -89,6 +89,44 @@ def tuning(base, snapshot, settings, out: Path, provenance: dict) -> dict:
     return {"rows": len(rows), "choice": decision["choice"], "out": str(out), "run_id": parent.info.run_id}
 
 
+RECORD_KEYS = ("retrain_floor", "circuit_stability", "circuit_faithfulness", "base_model", "wall_s_total")
+
+
+def write_report(out: Path, rows: list[dict], record: dict, settings) -> tuple[str, list[dict]]:
+    """From the rows and what else the run measured (`RECORD_KEYS`): the summary across seeds, the acceptance
+    verdicts, benchmark_summary.json, benchmark.md and pareto.png. Returns the Markdown table of means and
+    the verdicts."""
+    summary = summarise(rows)
+    criteria = acceptance(rows, summary, record["wall_s_total"], settings)
+    (out / "benchmark_summary.json").write_text(
+        json.dumps({"summary": summary, **record, "acceptance": criteria}, indent=2)
+    )
+    table = markdown_table(summary)
+    (out / "benchmark.md").write_text(
+        f"{acceptance_table(criteria, settings.bench.acceptance.rate)}\n"
+        f"{table}\n\nRetrain vs retrain (different seeds), the floor no method can beat:\n"
+        f"{_lines(record['retrain_floor'])}\n\n"
+        f"Circuit stability (Jaccard of forget-specific units): {json.dumps(record['circuit_stability'])}\n\n"
+        f"Circuit faithfulness (mean ablation of CURE's circuits on their own model):\n"
+        f"{_lines(record['circuit_faithfulness'])}\n"
+    )
+    pareto_plot(summary, out / "pareto.png")
+    return table, criteria
+
+
+def judge(out: Path, settings) -> dict:
+    """Rewrite the summary, the verdicts and the plot from a finished run's files, e.g. after bench.acceptance
+    changed: judging needs no rerun, and the measured rows are read, never changed."""
+    paths = [out / "benchmark.json", out / "benchmark_summary.json"]
+    if missing := [str(path) for path in paths if not path.exists()]:
+        raise FileNotFoundError(f"{', '.join(missing)}: run `lethe bench --out {out}` first")
+    rows, previous = (json.loads(path.read_text()) for path in paths)
+    record = {key: previous[key] for key in RECORD_KEYS}
+    _, criteria = write_report(out, rows, record, settings)
+    print(acceptance_table(criteria, settings.bench.acceptance.rate))
+    return {"rows": len(rows), "out": str(out), "criteria": len(criteria)}
+
+
 def main(argv: list[str] | None = None) -> dict:
     cli = parser("bench", __doc__)
     mode = cli.add_mutually_exclusive_group()
@@ -98,10 +136,17 @@ def main(argv: list[str] | None = None) -> dict:
         action="store_true",
         help="choose the learning rate and CURE's retain fraction by bench.tuning's rule, on its seeds only",
     )
+    mode.add_argument(
+        "--judge",
+        action="store_true",
+        help="rewrite the summary, the acceptance verdicts and the plot from the rows in --out; no rerun",
+    )
     cli.add_argument("--out", type=Path, default=Path("results"), help="results folder (default: ./results)")
     args = cli.parse_args(argv)
     settings, home = context(args)
     settings, bench = settings.for_bench(), settings.bench
+    if args.judge:
+        return judge(args.out, settings)
     if args.quick:
         settings = settings.model_copy(
             update={"unlearn": settings.unlearn.model_copy(update={"max_steps": bench.quick_max_steps})}
@@ -157,33 +202,14 @@ def main(argv: list[str] | None = None) -> dict:
                     if "circuits" in extras:
                         faithful.append(circuit_faithfulness(base, extras["data"], extras["circuits"], settings, seed))
         stability = circuit_stability(base, snapshot, settings, seeds if len(seeds) > 1 else [seeds[0], seeds[0] + 1])
-        summary = summarise(rows)
-        grid_wall_s = time.perf_counter() - started
-        criteria = acceptance(rows, summary, grid_wall_s, settings)
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "benchmark.json").write_text(json.dumps(rows, indent=2))
-        (args.out / "benchmark_summary.json").write_text(
-            json.dumps(
-                {
-                    "summary": summary,
-                    "retrain_floor": floors,
-                    "circuit_stability": stability,
-                    "circuit_faithfulness": faithful,
-                    "base_model": base_provenance(base_dir, meta),
-                    "acceptance": criteria,
-                    "wall_s_total": grid_wall_s,
-                },
-                indent=2,
-            )
-        )
-        table = markdown_table(summary)
-        (args.out / "benchmark.md").write_text(
-            f"{acceptance_table(criteria, bench.acceptance.rate)}\n"
-            f"{table}\n\nRetrain vs retrain (different seeds), the floor no method can beat:\n{_lines(floors)}\n\n"
-            f"Circuit stability (Jaccard of forget-specific units): {json.dumps(stability)}\n\n"
-            f"Circuit faithfulness (mean ablation of CURE's circuits on their own model):\n{_lines(faithful)}\n"
-        )
-        pareto_plot(summary, args.out / "pareto.png")
+        grid_wall_s = time.perf_counter() - started
+        record = dict(
+            retrain_floor=floors, circuit_stability=stability, circuit_faithfulness=faithful,
+            base_model=base_provenance(base_dir, meta), wall_s_total=grid_wall_s,
+        )  # fmt: skip
+        table, _ = write_report(args.out, rows, record, settings)
         for name in ("benchmark.json", "benchmark_summary.json", "benchmark.md", "pareto.png"):
             mlflow.log_artifact(str(args.out / name))
         mlflow.log_metric("wall_s_total", grid_wall_s)

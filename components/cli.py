@@ -3,7 +3,7 @@
 lethe nightly [--deletion-log PATH]   bootstrap if needed, run the nightly DAG once, print the summary
 lethe sample-log --out PATH           write a deletion log for a few random members (a demo batch)
 lethe prepare | lethe train           the first two steps on their own
-lethe bench [--quick | --tuning]      every unlearning method against retraining
+lethe bench [--quick|--tuning|--judge]  every unlearning method against retraining
 lethe ingest PATH_OR_URI              take a deletion log into the ledger and validate it (no batch)
 lethe ledger status                   requests by state, as JSON
 lethe ledger show REQUEST_ID          one request's history: states, times, batch, model version, reason
@@ -222,6 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     bench = commands.add_parser("bench", help="benchmark every unlearning method against retraining")
     bench.add_argument("--quick", action="store_true", help="one rate, one seed, few steps")
     bench.add_argument("--tuning", action="store_true", help="choose hyperparameters on bench.tuning.seeds")
+    bench.add_argument("--judge", action="store_true", help="the verdicts again from --out's rows, no rerun")
     bench.add_argument("--out", default="results")
     intake = commands.add_parser("ingest", help="take a deletion log into the ledger and validate it")
     intake.add_argument("source", help="a .jsonl file, a folder of them, or s3://bucket/prefix/")
@@ -255,6 +256,7 @@ def main(argv: list[str] | None = None) -> None:
                     args.out,
                     *(["--quick"] if args.quick else []),
                     *(["--tuning"] if args.tuning else []),
+                    *(["--judge"] if args.judge else []),
                 ]
             )
             return
