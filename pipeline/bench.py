@@ -38,7 +38,7 @@ from pipeline.model import make_windows, scored_logits
 from pipeline.requests import DeletionRequest
 from pipeline.settings import Settings
 from pipeline.splits import UnlearningData, build_split, unlearning_data
-from pipeline.unlearn import LeakageProbe, run_unlearning
+from pipeline.unlearn import LeakageProbe, UnlearnResult, run_unlearning
 
 log = logging.getLogger(__name__)
 
@@ -190,14 +190,19 @@ def intervals(per_user: dict, retrain_per_user: dict, settings: Settings, seed: 
 
 def run_method(
     name: str, base: LlamaForCausalLM, data: UnlearningData, settings: Settings
-) -> tuple[LlamaForCausalLM, float, float, Circuits | None]:
+) -> tuple[LlamaForCausalLM, float, float, UnlearnResult]:
     model = copy.deepcopy(base)
     method_settings = settings.model_copy(update={"unlearn": settings.unlearn.model_copy(update={"method": name})})
     with PeakMemory() as memory:
         started = time.perf_counter()
         result = run_unlearning(model, data, method_settings, progress=False)
         wall = time.perf_counter() - started
-    return model, wall, memory.megabytes, result.circuits
+    return model, wall, memory.megabytes, result
+
+
+def stopping(result: UnlearnResult | None) -> dict:
+    """How a method's loop ended, for the row: its steps and the stopping rule's reason (None without a loop)."""
+    return {"steps": result.steps if result else None, "stopped": result.stopped if result else None}
 
 
 @dataclass(frozen=True)
@@ -260,14 +265,16 @@ def benchmark_setting(
     rows, extras = [], {"data": data, "reference": reference}
     for name in ["original", *methods]:
         if name == "retrain":
-            model, wall, memory, circuits = reference.model, reference.wall, reference.memory, None
+            model, wall, memory, result = reference.model, reference.wall, reference.memory, None
         elif name == "original":
-            model, wall, memory, circuits = base, 0.0, None, None
+            model, wall, memory, result = base, 0.0, None, None
         else:
-            model, wall, memory, circuits = run_method(name, base, data, seeded)
-        if circuits is not None:
-            extras["circuits"] = circuits
-        rows.append(method_row(name, model, wall, memory, data, reference, settings, setting, seed))
+            model, wall, memory, result = run_method(name, base, data, seeded)
+        if result is not None and result.circuits is not None:
+            extras["circuits"] = result.circuits
+        rows.append(
+            {**method_row(name, model, wall, memory, data, reference, settings, setting, seed), **stopping(result)}
+        )
     return rows, extras
 
 
@@ -299,8 +306,9 @@ def tune(
         reference = retrain_reference(base, data, seeded)
         for variant, variant_settings in tuning_variants(seeded):
             name = variant["method"]
-            model, wall, memory, _ = run_method(name, base, data, variant_settings)
-            rows.append({**method_row(name, model, wall, memory, data, reference, settings, setting, seed), **variant})
+            model, wall, memory, result = run_method(name, base, data, variant_settings)
+            row = method_row(name, model, wall, memory, data, reference, settings, setting, seed)
+            rows.append({**row, **stopping(result), **variant})
             report(rows[-1])
     return rows
 
@@ -374,7 +382,7 @@ def circuit_stability(base: LlamaForCausalLM, snapshot: Snapshot, settings: Sett
 
 
 SUMMARY_KEYS = (
-    *ROW_KEYS[4:], "ndcg10_vs_retrain", "mia_auc_loss_minus_retrain", "mia_auc_mink_minus_retrain",
+    *ROW_KEYS[4:], "steps", "ndcg10_vs_retrain", "mia_auc_loss_minus_retrain", "mia_auc_mink_minus_retrain",
     "mia_auc_minkpp_minus_retrain",
 )  # fmt: skip
 

@@ -51,6 +51,10 @@ def test_quick_benchmark_writes_rows_table_plot_and_runs(tmp_path, monkeypatch):
             low, high = row[f"mia_auc_{attack}_ci"]
             assert low <= row[f"mia_auc_{attack}"] <= high
     assert all(row["peak_mem_mb"] > 0 for row in rows[1:])
+    # every loop says how it ended; the quick run caps the loop at bench.quick_max_steps (15 here)
+    cure = rows[-1]
+    assert 0 <= cure["steps"] <= 15 and cure["stopped"] and original["steps"] is None
+    assert cure["stopped"] != "max_steps reached" or cure["steps"] == 15
     summary = json.loads((out / "benchmark_summary.json").read_text())
     assert summary["retrain_floor"] and 0.0 <= summary["circuit_stability"]["jaccard_successive_batches"] <= 1.0
     table = (out / "benchmark.md").read_text()
