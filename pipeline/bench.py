@@ -484,9 +484,10 @@ def acceptance(rows: list[dict], summary: list[dict], grid_wall_s: float, settin
             f"MIA AUC ({attack}) minus retrain", cure[key], cure[key + "_ci"], f"within ±{config.max_auc_gap}",
             low=-config.max_auc_gap, high=config.max_auc_gap,
         )  # fmt: skip
+    batch_rows = [r for r in rows if r["scope"] == "user" and r["deletion_rate"] == rate]
     by_seed = {}
-    for row in rows:
-        if row["scope"] == "user" and row["deletion_rate"] == rate and row["method"] not in ("original", "retrain"):
+    for row in batch_rows:
+        if row["method"] not in ("original", "retrain"):
             by_seed.setdefault(row["method"], {})[row["seed"]] = row["jsd_to_retrain"]
     others = {m: v for m, v in by_seed.items() if m != "cure"}
     if others:
@@ -497,7 +498,7 @@ def acceptance(rows: list[dict], summary: list[dict], grid_wall_s: float, settin
             f"JSD to retrain minus the lowest other method's ({rival})", value, interval, "< 0",
             high=0.0, rival=rival,
         )  # fmt: skip
-    wall = {(r["method"], r["seed"]): r["wall_s"] for r in rows if r["scope"] == "user" and r["deletion_rate"] == rate}
+    wall = {(r["method"], r["seed"]): r["wall_s"] for r in batch_rows}
     seeds = sorted(seed for method, seed in wall if method == "cure" and ("retrain", seed) in wall)
     cure_wall, retrain_wall = ([wall[method, s] for s in seeds] for method in ("cure", "retrain"))
     # "CURE's mean wall time at most 1/n of retrain's", paired by seed; not the mean of per-seed speed-ups,
