@@ -73,7 +73,8 @@ def tuning(base, snapshot, settings, out: Path, provenance: dict) -> dict:
             aucs = " / ".join(f"{row[f'mia_auc_{a}']:.3f}" for a in ("loss", "mink", "minkpp"))
             print(
                 f"tune [{next(done)}/{total}] seed {row['seed']} {row['method']} lr {row['learning_rate']} "
-                f"retain_fraction {row['retain_fraction']}: NDCG vs retrain {row['ndcg10_vs_retrain']:.3f}, AUC {aucs}",
+                f"fractions {row['forget_fraction']}/{row['retain_fraction']}: "
+                f"NDCG vs retrain {row['ndcg10_vs_retrain']:.3f}, AUC {aucs}",
                 flush=True,
             )
 

@@ -124,6 +124,7 @@ class TuningSettings(_Frozen):
     seeds: tuple[int, ...] = Field(min_length=1)
     methods: tuple[str, ...] = Field(min_length=1)  # whose mean AUC must reach the band at the chosen rate
     learning_rates: tuple[float, ...] = Field(min_length=1)  # candidates for bench.unlearn.learning_rate
+    cure_forget_fractions: tuple[float, ...] = Field(min_length=1)  # candidates for circuits.forget_fraction
     cure_retain_fractions: tuple[float, ...] = Field(min_length=1)  # candidates for circuits.retain_fraction
 
 

@@ -85,10 +85,12 @@ def test_quick_benchmark_writes_rows_table_plot_and_runs(tmp_path, monkeypatch):
     assert len(children) == len(rows)
 
 
-def _tuning_row(method, rate, fraction, seed, ratio, auc):
+def _tuning_row(method, rate, fractions, seed, ratio, auc):
+    forget_fraction, retain_fraction = fractions
     return {
-        "method": method, "learning_rate": rate, "retain_fraction": fraction, "seed": seed,
-        "ndcg10_vs_retrain": ratio, "jsd_to_retrain": 0.3, "speedup_vs_retrain": 5.0,
+        "method": method, "learning_rate": rate, "forget_fraction": forget_fraction,
+        "retain_fraction": retain_fraction, "seed": seed,
+        "ndcg10_vs_retrain": ratio, "jsd_to_retrain": 0.3, "speedup_vs_retrain": 5.0, "steps": 10,
         **{f"mia_auc_{a}": auc for a in ("loss", "mink", "minkpp")},
         **{f"mia_auc_{a}_minus_retrain": auc - 0.5 for a in ("loss", "mink", "minkpp")},
     }  # fmt: skip
@@ -99,28 +101,31 @@ def test_choose_takes_the_smallest_rate_that_forgets_then_cures_best_fraction():
     rows = []
     for seed, wobble in ((0, -0.02), (1, 0.02)):  # the rule reads means over seeds, not single seeds
         rows += [
-            _tuning_row("grad_diff", 0.01, None, seed, 0.95, 0.60 + wobble),  # not forgotten: 0.01 is out
-            _tuning_row("cure", 0.01, 0.5, seed, 0.99, 0.50),
-            _tuning_row("grad_diff", 0.02, None, seed, 0.90, 0.54 + wobble),  # mean 0.54: inside
-            _tuning_row("cure", 0.02, 0.5, seed, 0.80, 0.50),
-            _tuning_row("cure", 0.02, 0.7, seed, 0.85, 0.52),
-            _tuning_row("cure", 0.02, 0.9, seed, 0.99, 0.58),  # best utility, but it does not forget
-            _tuning_row("grad_diff", 0.03, None, seed, 0.70, 0.50),
-            _tuning_row("cure", 0.03, 0.7, seed, 0.95, 0.50),
+            _tuning_row("grad_diff", 0.01, (None, None), seed, 0.95, 0.60 + wobble),  # not forgotten: 0.01 is out
+            _tuning_row("cure", 0.01, (0.3, 0.5), seed, 0.99, 0.50),
+            _tuning_row("grad_diff", 0.02, (None, None), seed, 0.90, 0.54 + wobble),  # mean 0.54: inside
+            _tuning_row("cure", 0.02, (0.3, 0.5), seed, 0.80, 0.50),
+            _tuning_row("cure", 0.02, (0.3, 0.7), seed, 0.85, 0.52),
+            _tuning_row("cure", 0.02, (0.5, 0.7), seed, 0.87, 0.52),  # the same retain fraction, a larger circuit
+            _tuning_row("cure", 0.02, (0.3, 0.9), seed, 0.99, 0.58),  # best utility, but it does not forget
+            _tuning_row("grad_diff", 0.03, (None, None), seed, 0.70, 0.50),
+            _tuning_row("cure", 0.03, (0.3, 0.7), seed, 0.95, 0.50),
         ]
     decision = choose(rows, band)
-    assert decision["choice"] == {"learning_rate": 0.02, "retain_fraction": 0.7}
+    assert decision["choice"] == {"learning_rate": 0.02, "forget_fraction": 0.5, "retain_fraction": 0.7}
     grad_diff = next(e for e in decision["means"] if e["method"] == "grad_diff" and e["learning_rate"] == 0.02)
     assert grad_diff["seeds"] == 2 and grad_diff["mia_auc_loss"] == pytest.approx(0.54) and grad_diff["in_band"]
     never = [r for r in rows if not (r["method"] == "grad_diff" and r["learning_rate"] > 0.01)]
-    assert choose(never, band)["choice"] == {"learning_rate": None, "retain_fraction": None}
+    assert choose(never, band)["choice"] == {"learning_rate": None, "forget_fraction": None, "retain_fraction": None}
 
 
 def test_acceptance_judges_cure_on_means_and_says_when_an_interval_straddles_the_threshold():
-    def row(method, seed, ratio, gaps, jsd, wall_s, rate=0.05):
+    def row(method, seed, ratio, gaps, jsd, wall_s, rate=0.05, retrain_auc=0.5):
+        attacks = ("loss", "mink", "minkpp")
         return {
             "method": method, "scope": "user", "deletion_rate": rate, "seed": seed, "ndcg10_vs_retrain": ratio,
-            **{f"mia_auc_{a}_minus_retrain": gap for a, gap in zip(("loss", "mink", "minkpp"), gaps, strict=True)},
+            **{f"mia_auc_{a}_minus_retrain": gap for a, gap in zip(attacks, gaps, strict=True)},
+            **{f"mia_auc_{a}": retrain_auc + gap for a, gap in zip(attacks, gaps, strict=True)},
             "jsd_to_retrain": jsd, "wall_s": wall_s,
         }  # fmt: skip
 
@@ -136,6 +141,8 @@ def test_acceptance_judges_cure_on_means_and_says_when_an_interval_straddles_the
             row("retrain", seed, 1.0, (0, 0, 0), 0.0, retrain_wall),
             row("cure", seed, ratio, gaps, shared_jsd, wall),
             row("grad_diff", seed, 0.9, (0, 0, 0), shared_jsd + 0.01, 3.0),
+            # closer to retrain than anything, because it barely moved: its AUC stays far above the band
+            row("ssd", seed, 1.0, (0.3, 0.3, 0.3), shared_jsd - 0.05, 3.0),
             row("cure", seed, 0.5, (0.3, 0.3, 0.3), 0.9, 1.0, rate=0.10),  # another rate: not judged
         ]
     settings = Settings.model_validate(tiny_params())
@@ -147,9 +154,17 @@ def test_acceptance_judges_cure_on_means_and_says_when_an_interval_straddles_the
     assert not mink["holds"] and not mink["inside_noise"]  # 0.05-0.06 every seed: a clear miss
     # mean 0.04, outside; but its interval across seeds (-0.16 to 0.24) reaches far inside the limits too
     assert not minkpp["holds"] and minkpp["inside_noise"]
-    jsd = criteria["JSD to retrain minus the lowest other method's (grad_diff)"]
+    jsd = next(c for name, c in criteria.items() if name.startswith("JSD to retrain"))
+    # the rival is the closest method that forgot; ssd, closer only because it did not forget, is named, not used
+    assert jsd["rival"] == "grad_diff" and jsd["did_not_forget"] == ["ssd"] and "ssd" in jsd["criterion"]
     # 0.01 below grad_diff on every seed: a sure win although the seeds' JSDs spread over 0.2
     assert jsd["value"] == pytest.approx(-0.01) and jsd["holds"] and not jsd["inside_noise"]
+    # when no other method forgot, all count again (and the name says so): ssd is the rival, 0.04 below CURE
+    unforgetting = [{**r, "mia_auc_loss": 0.9} if r["method"] == "grad_diff" else r for r in rows]
+    judged = acceptance(unforgetting, summarise(unforgetting), 60.0, settings)
+    jsd = next(c for c in judged if c["criterion"].startswith("JSD to retrain"))
+    assert jsd["rival"] == "ssd" and "no other method forgot" in jsd["criterion"]
+    assert jsd["value"] == pytest.approx(0.05) and not jsd["holds"]
     # per seed 20x, 5x and 8.2x: their mean (11.1x) would pass, but CURE's mean wall time is 1/9.9 of retrain's
     speed = next(c for name, c in criteria.items() if name.startswith("wall time minus retrain's / 10"))
     assert speed["speedup_of_means"] == pytest.approx(200 / 20.3)
@@ -167,6 +182,7 @@ def test_tuning_runs_every_variant_on_the_tuning_seeds_only(tmp_path, monkeypatc
             "bench.tuning.seeds": [7],
             "bench.tuning.methods": ["grad_diff", "cure"],
             "bench.tuning.learning_rates": [0.005, 0.05],
+            "bench.tuning.cure_forget_fractions": [0.5],
             "bench.tuning.cure_retain_fractions": [0.3, 0.7],
             "unlearn.max_steps": 10,
         },
@@ -182,6 +198,7 @@ def test_tuning_runs_every_variant_on_the_tuning_seeds_only(tmp_path, monkeypatc
     assert variants == {
         (m, r, f) for r in (0.005, 0.05) for m, f in (("grad_diff", None), ("cure", 0.3), ("cure", 0.7))
     }
+    assert {row["forget_fraction"] for row in rows if row["method"] == "cure"} == {0.5}
     assert len(rows) == len(variants)
 
     # each variant really ran with its own settings: the same method at another rate or fraction lands elsewhere
