@@ -560,7 +560,10 @@ def tuning_table(decision: dict, settings: Settings) -> str:
         "| in band | AUC minus retrain | JSD to retrain | steps | speed-up |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    order = lambda e: (e["learning_rate"], e["method"], *(e[k] or 0 for k in FRACTIONS))  # noqa: E731
+
+    def order(e: dict) -> tuple:
+        return e["learning_rate"], e["method"], *(e[k] or 0 for k in FRACTIONS)
+
     for e in sorted(decision["means"], key=order):
         fractions = " / ".join(str(e[k]) for k in FRACTIONS) if e["method"] == "cure" else "—"
         aucs = " / ".join(f"{e[f'mia_auc_{a}']:.3f}" for a in ATTACKS)
