@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
     mode.add_argument(
         "--tuning",
         action="store_true",
-        help="choose the learning rate and CURE's retain fraction by bench.tuning's rule, on its seeds only",
+        help="choose the learning rate and CURE's circuit fractions by bench.tuning's rule, on its seeds only",
     )
     mode.add_argument(
         "--judge",

@@ -39,7 +39,7 @@ from pipeline.model import make_windows, scored_logits
 from pipeline.requests import DeletionRequest
 from pipeline.settings import Settings
 from pipeline.splits import UnlearningData, build_split, unlearning_data
-from pipeline.unlearn import LeakageProbe, UnlearnResult, run_unlearning
+from pipeline.unlearn import LeakageProbe, UnlearnResult, in_band, run_unlearning
 
 log = logging.getLogger(__name__)
 
@@ -282,6 +282,11 @@ def benchmark_setting(
 FRACTIONS = ("forget_fraction", "retain_fraction")  # CURE's circuit sizes, which the tuning rule chooses
 
 
+def forgot(entry: dict, band: tuple[float, float]) -> bool:
+    """Whether a row or a mean over seeds lies inside the stopping rule's target band on every attack."""
+    return in_band({attack: entry[f"mia_auc_{attack}"] for attack in ATTACKS}, band)
+
+
 def tuning_variants(settings: Settings) -> list[tuple[dict, Settings]]:
     """Every candidate of `bench.tuning`: each method at each learning rate, CURE also at each pair of
     forget and retain fractions."""
@@ -325,7 +330,7 @@ def choose(rows: list[dict], band: tuple[float, float]) -> dict:
     retrain among those inside the band. Returns the means it decided on and the choice (None if none fits)."""
     means = summarise(rows, by=("method", "learning_rate", *FRACTIONS))
     for entry in means:
-        entry["in_band"] = all(band[0] <= entry[f"mia_auc_{a}"] <= band[1] for a in ATTACKS)
+        entry["in_band"] = forgot(entry, band)
     methods = {e["method"] for e in means}
     choice = {"learning_rate": None, **dict.fromkeys(FRACTIONS)}
     for rate in sorted({e["learning_rate"] for e in means}):
@@ -463,8 +468,9 @@ def acceptance(rows: list[dict], summary: list[dict], grid_wall_s: float, settin
 
     Each criterion gives CURE's figure with its 95% interval across seeds, the threshold, whether the mean
     meets it, and whether the interval straddles the threshold: then the verdict is inside the noise and says
-    nothing either way. The divergence is compared per seed with the best other method (paired: the same
-    retrain, users and prefixes), so the large seed-to-seed spread shared by both does not hide a difference.
+    nothing either way. The divergence is compared per seed with the closest other method that forgot (paired:
+    the same retrain, users and prefixes), so the large seed-to-seed spread shared by both does not hide a
+    difference.
     """
     config, rate = settings.bench.acceptance, settings.bench.acceptance.rate
     at = {e["method"]: e for e in summary if e["scope"] == "user" and e["deletion_rate"] == rate}
@@ -499,12 +505,10 @@ def acceptance(rows: list[dict], summary: list[dict], grid_wall_s: float, settin
     # retrains are to each other: its low divergence says it did little, not that it behaves like retrain. The
     # rivals are the methods that forgot (mean AUC inside the stopping rule's target band on every attack).
     # If none did, every other method is a rival, and the criterion's name says so.
-    band = settings.unlearn.target_auc_band
-    forgot = {m for m, e in at.items() if all(band[0] <= e[f"mia_auc_{a}"] <= band[1] for a in ATTACKS)}
     others = {m: v for m, v in by_seed.items() if m != "cure"}
-    passed_over = sorted(m for m in others if m not in forgot)
+    passed_over = sorted(m for m in others if not forgot(at[m], settings.unlearn.target_auc_band))
     if len(passed_over) < len(others):
-        others = {m: v for m, v in others.items() if m in forgot}
+        others = {m: v for m, v in others.items() if m not in passed_over}
         note = f"; only methods that forgot count, not {', '.join(passed_over)}" if passed_over else ""
     else:
         passed_over, note = [], "; no other method forgot, so all count"
