@@ -15,13 +15,13 @@ import torch
 from components._common import context, entry_point, parser
 from components.train import ensure_base_model
 from pipeline.bench import (
-    Setting,
     acceptance,
     acceptance_table,
     benchmark_setting,
     choose,
     circuit_faithfulness,
     circuit_stability,
+    grid,
     markdown_table,
     pareto_plot,
     retrain_floor,
@@ -104,7 +104,7 @@ def write_report(out: Path, rows: list[dict], record: dict, settings) -> tuple[s
     )
     table = markdown_table(summary)
     (out / "benchmark.md").write_text(
-        f"{acceptance_table(criteria, settings.bench.acceptance.rate)}\n"
+        f"{acceptance_table(criteria, rows, settings.bench.acceptance.rate)}\n"
         f"{table}\n\nRetrain vs retrain (different seeds), the floor no method can beat:\n"
         f"{_lines(record['retrain_floor'])}\n\n"
         f"Circuit stability (Jaccard of forget-specific units): {json.dumps(record['circuit_stability'])}\n\n"
@@ -124,7 +124,7 @@ def judge(out: Path, settings) -> dict:
     rows, previous = (json.loads(path.read_text()) for path in paths)
     record = {key: previous[key] for key in RECORD_KEYS}
     _, criteria = write_report(out, rows, record, settings)
-    print(acceptance_table(criteria, settings.bench.acceptance.rate))
+    print(acceptance_table(criteria, rows, settings.bench.acceptance.rate))
     return {"rows": len(rows), "out": str(out), "criteria": len(criteria)}
 
 
@@ -159,23 +159,20 @@ def main(argv: list[str] | None = None) -> dict:
     if args.tuning:
         return tuning(base, snapshot, settings, args.out, base_provenance(base_dir, meta))
 
-    single = args.quick
-    grid = [Setting("user", rate) for rate in ([bench.quick_rate] if single else bench.user_rates)]
-    if not single:
-        grid.append(Setting("interactions", bench.interaction_rate, bench.interaction_item_share))
-    seeds = bench.seeds[:1] if args.quick else bench.seeds
+    batches = grid(bench, args.quick)
 
     started, rows, floors, faithful = time.perf_counter(), [], [], []
     with mlflow.start_run(run_name="benchmark-quick" if args.quick else "benchmark") as parent:
         mlflow.log_params(
             {
                 "methods": ",".join(bench.methods),
-                "seeds": ",".join(map(str, seeds)),
-                "settings": ";".join(f"{s.scope}:{s.deletion_rate}" for s in grid),
+                "settings": ";".join(
+                    f"{s.scope}:{s.deletion_rate}:seeds={','.join(map(str, seeds))}" for s, seeds in batches
+                ),
                 "quick": args.quick,
             }
         )
-        for setting in grid:
+        for setting, seeds in batches:
             for seed in seeds:
                 print(f"bench: {setting.scope} {setting.deletion_rate:.2%} seed {seed}", flush=True)
                 batch_rows, extras = benchmark_setting(base, snapshot, settings, setting, seed, bench.methods)
@@ -198,10 +195,13 @@ def main(argv: list[str] | None = None) -> dict:
                         flush=True,
                     )
                 rows.extend(batch_rows)
-                if setting.scope == "user" and setting.deletion_rate == bench.floor_rate or single:
+                # the floor and the circuits' faithfulness on the reported seeds; extra seeds only add rows
+                at_floor = setting.scope == "user" and setting.deletion_rate == bench.floor_rate and seed in bench.seeds
+                if at_floor or args.quick:
                     floors.append(retrain_floor(base, extras["data"], settings, setting, seed, extras["reference"]))
                     if "circuits" in extras:
                         faithful.append(circuit_faithfulness(base, extras["data"], extras["circuits"], settings, seed))
+        seeds = bench.seeds[:1] if args.quick else bench.seeds  # extraction seeds, compared pairwise
         stability = circuit_stability(base, snapshot, settings, seeds if len(seeds) > 1 else [seeds[0], seeds[0] + 1])
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "benchmark.json").write_text(json.dumps(rows, indent=2))

@@ -37,7 +37,7 @@ from pipeline.evaluate import (
 )
 from pipeline.model import make_windows, scored_logits
 from pipeline.requests import DeletionRequest
-from pipeline.settings import Settings
+from pipeline.settings import BenchSettings, Settings
 from pipeline.splits import UnlearningData, build_split, unlearning_data
 from pipeline.unlearn import LeakageProbe, UnlearnResult, in_band, run_unlearning
 
@@ -55,6 +55,17 @@ class Setting:
     scope: str  # "user" or "interactions"
     deletion_rate: float  # share of member users affected
     item_share: float = 1.0  # for "interactions": share of each affected user's training items
+
+
+def grid(bench: BenchSettings, quick: bool = False) -> list[tuple[Setting, tuple[int, ...]]]:
+    """The batches `lethe bench` runs: each setting with its seeds. Every user rate and the interaction scope run
+    bench.seeds; the judged batch (users at bench.acceptance.rate) also runs bench.acceptance.extra_seeds, since
+    its verdicts rest on means across seeds. `quick`: the quick rate, the first seed."""
+    if quick:
+        return [(Setting("user", bench.quick_rate), bench.seeds[:1])]
+    judged = bench.seeds + bench.acceptance.extra_seeds
+    users = [(Setting("user", r), judged if r == bench.acceptance.rate else bench.seeds) for r in bench.user_rates]
+    return [*users, (Setting("interactions", bench.interaction_rate, bench.interaction_item_share), bench.seeds)]
 
 
 def deletion_requests(snapshot: Snapshot, setting: Setting, seed: int) -> list[DeletionRequest]:
@@ -538,9 +549,12 @@ def acceptance(rows: list[dict], summary: list[dict], grid_wall_s: float, settin
     return criteria
 
 
-def acceptance_table(criteria: list[dict], rate: float) -> str:
+def acceptance_table(criteria: list[dict], rows: list[dict], rate: float) -> str:
+    """The verdicts as Markdown, headed by the seeds whose CURE rows at the judged rate the means are over."""
+    seeds = sorted({r["seed"] for r in rows if (r["method"], r["scope"], r["deletion_rate"]) == ("cure", "user", rate)})
     lines = [
-        f"Acceptance at {rate:.0%} user deletion (CURE, mean over seeds [95% interval across seeds]):",
+        f"Acceptance at {rate:.0%} user deletion (CURE, mean over {len(seeds)} seeds, {', '.join(map(str, seeds))} "
+        "[95% interval across seeds]):",
         "",
         "| criterion | CURE | threshold | verdict |",
         "|---|---|---|---|",

@@ -136,6 +136,7 @@ class AcceptanceSettings(_Frozen):
     max_auc_gap: float = Field(ge=0.0)  # |MIA AUC - retrain's|, every attack
     min_speedup: float = Field(gt=0.0)  # retrain's wall time over CURE's, circuit extraction included
     max_grid_minutes: float = Field(gt=0.0)  # the whole `lethe bench` grid
+    extra_seeds: tuple[int, ...]  # the judged batch runs these too, beyond bench.seeds
 
 
 class BenchSettings(_Frozen):
@@ -153,9 +154,14 @@ class BenchSettings(_Frozen):
     acceptance: AcceptanceSettings
 
     @model_validator(mode="after")
-    def _tuning_seeds_are_not_reported(self) -> BenchSettings:
+    def _seeds_are_kept_apart(self) -> BenchSettings:
         if shared := sorted(set(self.tuning.seeds) & set(self.seeds)):
             raise ValueError(f"bench.tuning.seeds {shared} are also reported bench.seeds; keep them apart")
+        extra = self.acceptance.extra_seeds
+        if shared := sorted(set(self.tuning.seeds) & set(extra)):
+            raise ValueError(f"bench.acceptance.extra_seeds {shared} are also bench.tuning.seeds; keep them apart")
+        if repeated := sorted(seed for seed in set(extra) if seed in self.seeds or extra.count(seed) > 1):
+            raise ValueError(f"bench.acceptance.extra_seeds {repeated} would run a batch twice; list each seed once")
         return self
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from components import bench
-from pipeline.bench import ROW_KEYS, acceptance, choose, jensen_shannon, summarise
+from pipeline.bench import ROW_KEYS, Setting, acceptance, acceptance_table, choose, grid, jensen_shannon, summarise
 from pipeline.settings import Settings
 from tests.conftest import tiny_params, write_params
 
@@ -169,10 +169,28 @@ def test_acceptance_judges_cure_on_means_and_says_when_an_interval_straddles_the
     speed = next(c for name, c in criteria.items() if name.startswith("wall time minus retrain's / 10"))
     assert speed["speedup_of_means"] == pytest.approx(200 / 20.3)
     assert speed["value"] == pytest.approx(0.1) and not speed["holds"] and speed["inside_noise"]
-    grid = criteria["whole grid, minutes"]
-    assert grid["value"] == pytest.approx(61.0) and not grid["holds"]
+    minutes = criteria["whole grid, minutes"]
+    assert minutes["value"] == pytest.approx(61.0) and not minutes["holds"]
+    # the table names the seeds the means are over: CURE's at the judged rate, not another rate's
+    elsewhere = row("cure", 9, 0.5, (0.3, 0.3, 0.3), 0.9, 1.0, rate=0.10)
+    table = acceptance_table(list(criteria.values()), [*rows, elsewhere], 0.05)
+    assert table.startswith("Acceptance at 5% user deletion (CURE, mean over 3 seeds, 1, 2, 3 [")
     without_cure = [r for r in rows if r["method"] != "cure"]
     assert acceptance(without_cure, summarise(without_cure), 60.0, settings) == []
+
+
+def test_grid_runs_the_judged_batch_on_the_extra_seeds_too():
+    settings = Settings.model_validate(tiny_params(**{"bench.acceptance.extra_seeds": [7, 8]}))
+    bench_settings = settings.bench
+    batches = dict(grid(bench_settings))
+    judged = Setting("user", bench_settings.acceptance.rate)
+    assert batches.pop(judged) == (*bench_settings.seeds, 7, 8)
+    interactions = Setting("interactions", bench_settings.interaction_rate, bench_settings.interaction_item_share)
+    assert set(batches) == {Setting("user", r) for r in bench_settings.user_rates if r != judged.deletion_rate} | {
+        interactions
+    }
+    assert all(seeds == bench_settings.seeds for seeds in batches.values())
+    assert grid(bench_settings, quick=True) == [(Setting("user", bench_settings.quick_rate), bench_settings.seeds[:1])]
 
 
 def test_tuning_runs_every_variant_on_the_tuning_seeds_only(tmp_path, monkeypatch):

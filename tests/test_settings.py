@@ -27,6 +27,9 @@ def test_settings_are_frozen(settings: Settings):
         (lambda p: p["model"]["tiny"].update(hidden_size=30, num_attention_heads=4), "divisible"),
         (lambda p: p["eval"].update(ks=[5, 20]), "must contain 10"),
         (lambda p: p["bench"]["tuning"].update(seeds=[0, p["bench"]["seeds"][0]]), "also reported bench.seeds"),
+        (lambda p: p["bench"]["acceptance"].update(extra_seeds=[p["bench"]["tuning"]["seeds"][0]]), "also bench.tun"),
+        (lambda p: p["bench"]["acceptance"].update(extra_seeds=[p["bench"]["seeds"][0], 99]), "batch twice"),
+        (lambda p: p["bench"]["acceptance"].update(extra_seeds=[99, 99]), r"\[99\] would run a batch twice"),
     ],
 )
 def test_invalid_params_name_the_key(tmp_path: Path, mutate, message):
