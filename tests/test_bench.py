@@ -198,6 +198,7 @@ def test_tuning_runs_every_variant_on_the_tuning_seeds_only(tmp_path, monkeypatc
         tmp_path / "params.yaml",
         **{
             "bench.tuning.seeds": [7],
+            "bench.acceptance.extra_seeds": [],  # 7 is one of params.yaml's; tuning seeds are kept apart from them
             "bench.tuning.methods": ["grad_diff", "cure"],
             "bench.tuning.learning_rates": [0.005, 0.05],
             "bench.tuning.cure_forget_fractions": [0.5],
