@@ -129,7 +129,7 @@ class TuningSettings(_Frozen):
 
 
 class AcceptanceSettings(_Frozen):
-    """What CURE must show at one user deletion rate (means over the reported seeds) to count as working."""
+    """What CURE must show at one user deletion rate (means over bench.seeds and extra_seeds) to count as working."""
 
     rate: float = Field(gt=0.0, lt=1.0)
     min_ndcg_ratio: float = Field(gt=0.0)  # NDCG@10 on retained users, as a share of retrain's
