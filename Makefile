@@ -19,9 +19,13 @@ nightly: install
 	$(VENV)/bin/lethe sample-log --out $(LETHE_HOME)/landing/sample.jsonl
 	$(VENV)/bin/lethe nightly --deletion-log $(LETHE_HOME)/landing/sample.jsonl
 
+# Two pytest workers, each taking whole test files (a file's module fixtures stay in one process): the end-to-end
+# files spend most of their time starting Python processes (each step of the DAG is one), which uses one core.
+TEST_WORKERS ?= 2
+
 test: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile
 
 bench: install
 	$(VENV)/bin/lethe bench --out results

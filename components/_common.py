@@ -15,6 +15,9 @@ from pathlib import Path
 
 from pipeline.settings import Home, Settings, SettingsError, load_settings
 
+CHAMPION_DIR = "champion"  # in a batch folder: the champion's weights the batch started from
+CANDIDATE_DIR = "candidate"  # ... and the unlearned model the gate judges
+
 
 def parser(step: str, doc: str | None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"python -m components.{step}", description=doc)

@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from components._common import batch_arguments, context, entry_point, parser, write_manifest
+from components._common import (
+    CANDIDATE_DIR,
+    CHAMPION_DIR,
+    batch_arguments,
+    context,
+    entry_point,
+    parser,
+    write_manifest,
+)
 from components.split import batch_data
-from components.unlearn import CANDIDATE_DIR, CHAMPION_DIR
 from pipeline.evaluate import bootstrap_mean, ndcg_at, rank_users, utility_metrics
 from pipeline.model import load_model
 from pipeline.settings import Settings

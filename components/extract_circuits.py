@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 
 from components._common import (
+    CHAMPION_DIR,
     batch_arguments,
     context,
     entry_point,
@@ -14,7 +15,6 @@ from components._common import (
 )
 from components.drift import PROFILE_FILE
 from components.split import batch_data
-from components.unlearn import CHAMPION_DIR
 from pipeline.circuits import circuits_for
 from pipeline.model import load_model, make_windows
 from pipeline.registry import Registry

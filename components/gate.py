@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import mlflow
 
-from components._common import batch_arguments, context, entry_point, parser, read_manifest, write_manifest
-from components.unlearn import CANDIDATE_DIR
-from pipeline.evaluate import worst_case_auc
-from pipeline.gate import decide
+from components._common import (
+    CANDIDATE_DIR,
+    batch_arguments,
+    context,
+    entry_point,
+    parser,
+    read_manifest,
+    write_manifest,
+)
+from pipeline.gate import decide, worst_case_auc
 from pipeline.ledger import Ledger
 from pipeline.registry import Registry
 

@@ -9,14 +9,19 @@ import shutil
 import time
 from pathlib import Path
 
-from components._common import batch_arguments, context, entry_point, parser, write_manifest
+from components._common import (
+    CANDIDATE_DIR,
+    CHAMPION_DIR,
+    batch_arguments,
+    context,
+    entry_point,
+    parser,
+    write_manifest,
+)
 from components.split import batch_data
 from pipeline.circuits import Circuits
 from pipeline.model import load_model, save_model
 from pipeline.unlearn import method_named, run_unlearning
-
-CHAMPION_DIR = "champion"
-CANDIDATE_DIR = "candidate"
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -194,8 +194,3 @@ def rank_users(
     logits = next_item_logits(model, [histories[user] for user in users], max_len, batch_size)
     ranks = ranks_of_targets(logits, [targets[user] for user in users], [histories[user] for user in users])
     return dict(zip(users, ranks.tolist(), strict=True))
-
-
-def worst_case_auc(aucs: dict[str, float]) -> float:
-    """The attack's AUC furthest from 0.5: one conservative figure for summaries."""
-    return max(aucs.values(), key=lambda value: abs(value - 0.5)) if aucs else float("nan")

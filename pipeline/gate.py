@@ -41,3 +41,8 @@ def decide(
                 f"[{settings.min_leakage_auc}, {settings.max_leakage_auc}]"
             )
     return GateDecision(passed=not reasons, reasons=reasons)
+
+
+def worst_case_auc(aucs: dict[str, float]) -> float:
+    """The attack's AUC furthest from 0.5: one conservative figure for summaries."""
+    return max(aucs.values(), key=lambda value: abs(value - 0.5)) if aucs else float("nan")

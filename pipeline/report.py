@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-from pipeline.evaluate import worst_case_auc
+from pipeline.gate import worst_case_auc
 
 
 def summarize(batch_id: str, manifests: dict[str, dict]) -> dict:

@@ -13,8 +13,8 @@ from pipeline.evaluate import (
     paired_ratio,
     ranks_of_targets,
     utility_metrics,
-    worst_case_auc,
 )
+from pipeline.gate import worst_case_auc
 from pipeline.model import PositionStats
 
 T = FIRST_ITEM_TOKEN  # token of the first item column
