@@ -26,7 +26,7 @@ TEST_WORKERS ?= 3
 
 test: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile
+	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 bench: install
 	$(VENV)/bin/lethe bench --out results

@@ -16,6 +16,19 @@ REPO = Path(__file__).resolve().parent.parent
 torch.set_num_threads(2)
 
 
+# `make test` gives whole files to its pytest workers, two units each to start with. The end-to-end files take
+# 5-10 minutes each (one Python process per DAG step); started late, one of them would hold up the whole run, so
+# they go first, one per worker, and the shorter long files (a few minutes) last, for whichever worker frees up
+# first. --no-loadscope-reorder keeps this order instead of ordering files by how many tests they hold.
+LONGEST_FIRST = ("test_e2e.py", "test_e2e_recovery.py", "test_e2e_fallback.py")
+LONG_LAST = ("test_bench.py", "test_dvc.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)} | dict.fromkeys(LONG_LAST, len(LONGEST_FIRST) + 1)
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))  # stable: a file keeps its order
+
+
 def tiny_params(**overrides) -> dict:
     """The repository's params.yaml shrunk to run in seconds; overrides are dotted keys."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
