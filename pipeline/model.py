@@ -140,12 +140,21 @@ def make_windows(
     return Windows(torch.tensor(users), torch.tensor(inputs), torch.tensor(labels))
 
 
-def scored_logits(model: LlamaForCausalLM, windows: Windows) -> torch.Tensor:
+def scored_logits(model: LlamaForCausalLM, windows: Windows, grad_rows: torch.Tensor | None = None) -> torch.Tensor:
     """Logits at the scored positions only, shape (scored positions, vocabulary), in row-major order of
     (window, position). The item head over the whole vocabulary is most of a small model's cost, and padded
-    or unscored positions need none of it."""
-    hidden = model.model(input_ids=windows.input_ids, attention_mask=windows.attention_mask).last_hidden_state
-    return model.lm_head(hidden[windows.labels != IGNORE])
+    or unscored positions need none of it.
+
+    `grad_rows` (a boolean mask over the vocabulary): gradients reach only these rows of the tied item
+    embedding, in both its roles (history input and item head); every other parameter gets its usual gradient."""
+    if grad_rows is None:
+        hidden = model.model(input_ids=windows.input_ids, attention_mask=windows.attention_mask).last_hidden_state
+        return model.lm_head(hidden[windows.labels != IGNORE])
+    weight = model.get_input_embeddings().weight
+    weight = torch.where(grad_rows[:, None], weight, weight.detach())
+    embedded = torch.nn.functional.embedding(windows.input_ids, weight)
+    hidden = model.model(inputs_embeds=embedded, attention_mask=windows.attention_mask).last_hidden_state
+    return hidden[windows.labels != IGNORE] @ weight.T
 
 
 def scored_labels(windows: Windows) -> torch.Tensor:
@@ -153,15 +162,18 @@ def scored_labels(windows: Windows) -> torch.Tensor:
     return windows.labels[windows.labels != IGNORE]
 
 
-def window_loss(model: LlamaForCausalLM, windows: Windows) -> torch.Tensor:
-    """Mean next-item cross-entropy over the scored positions of a batch of windows."""
-    return torch.nn.functional.cross_entropy(scored_logits(model, windows), scored_labels(windows))
+def window_loss(model: LlamaForCausalLM, windows: Windows, grad_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-item cross-entropy over the scored positions of a batch of windows; `grad_rows` as in
+    `scored_logits`."""
+    return torch.nn.functional.cross_entropy(scored_logits(model, windows, grad_rows), scored_labels(windows))
 
 
-def window_nll(model: LlamaForCausalLM, windows: Windows) -> torch.Tensor:
-    """Per window: mean next-item cross-entropy over its scored positions, shape (n,)."""
+def window_nll(model: LlamaForCausalLM, windows: Windows, grad_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Per window: mean next-item cross-entropy over its scored positions, shape (n,); `grad_rows` as in
+    `scored_logits`."""
     scored = windows.labels != IGNORE
-    losses = torch.nn.functional.cross_entropy(scored_logits(model, windows), scored_labels(windows), reduction="none")
+    logits = scored_logits(model, windows, grad_rows)
+    losses = torch.nn.functional.cross_entropy(logits, scored_labels(windows), reduction="none")
     rows = torch.arange(len(windows), device=scored.device).unsqueeze(1).expand_as(scored)[scored]
     return losses.new_zeros(len(windows)).index_add(0, rows, losses) / scored.sum(1).clamp_min(1)
 

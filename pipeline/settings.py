@@ -90,6 +90,7 @@ class UnlearnSettings(_Frozen):
     retain_weight: float = Field(ge=0.0)
     retain_loss: Literal["nll", "kl"]
     forget_objective: Literal["ascent", "non_member_level"]
+    forget_item_rows: Literal["all", "scored"]
     eval_every: int = Field(ge=1)
     target_auc_band: tuple[float, float]
     npo_beta: float = Field(gt=0.0)

@@ -59,8 +59,8 @@ def method_named(name: str) -> type[UnlearningMethod]:
         raise ValueError(f"unknown unlearning method {name!r}; known: {sorted(METHODS)}") from None
 
 
-def token_log_probs(model: LlamaForCausalLM, windows: Windows) -> torch.Tensor:
-    log_p = torch.log_softmax(scored_logits(model, windows), -1)
+def token_log_probs(model: LlamaForCausalLM, windows: Windows, grad_rows: torch.Tensor | None = None) -> torch.Tensor:
+    log_p = torch.log_softmax(scored_logits(model, windows, grad_rows), -1)
     return log_p.gather(1, scored_labels(windows).unsqueeze(1)).squeeze(1)
 
 
@@ -159,14 +159,25 @@ class UnlearningMethod:
                 self.forget_ceiling = float(window_nll(model.eval(), strangers).mean()) if len(strangers) else None
 
     # -- the pieces a method combines -------------------------------------------------------------
+    def forget_rows(self, forget: Windows) -> torch.Tensor | None:
+        """With `forget_item_rows: scored`, the item embedding rows the forget objective may move: those of
+        the items scored in this forget batch. Ascending their loss through the softmax otherwise lifts the
+        row of every other item toward the forgotten users' contexts, and item rows are shared by every user."""
+        if self.settings.forget_item_rows == "all":
+            return None
+        rows = torch.zeros(self.model.get_input_embeddings().weight.shape[0], dtype=torch.bool)
+        rows[scored_labels(forget)] = True
+        return rows
+
     def forget_loss(self, forget: Windows) -> torch.Tensor:
         """The loss a method ascends on the forget set. With `non_member_level`, each window's loss counts
         only up to the non-members' mean loss under the model before unlearning: a window that already looks
         like a stranger's stops pulling, so the model is not pushed past what a model that never saw the
         user would predict (unbounded ascent overshoots and drags utility down with it)."""
+        rows = self.forget_rows(forget)
         if self.forget_ceiling is None:
-            return window_loss(self.model, forget)
-        losses = window_nll(self.model, forget)
+            return window_loss(self.model, forget, rows)
+        losses = window_nll(self.model, forget, rows)
         self.reached_ceiling = bool(losses.detach().mean() >= self.forget_ceiling)
         return losses.clamp(max=self.forget_ceiling).mean()
 
@@ -279,7 +290,7 @@ class NegativePreferenceOptimization(UnlearningMethod):
 
     def loss(self, forget: Windows, retain: Windows) -> torch.Tensor:
         beta = self.settings.npo_beta
-        ratio = token_log_probs(self.model, forget)
+        ratio = token_log_probs(self.model, forget, self.forget_rows(forget))
         with torch.no_grad():
             ratio_ref = token_log_probs(self.reference, forget)
         forget_term = -(2.0 / beta) * torch.nn.functional.logsigmoid(-beta * (ratio - ratio_ref)).mean()
@@ -334,7 +345,9 @@ class CircuitAwareUnlearning(GradientProjection):
     projected orthogonal to the retain gradient plus retain descent; retain-specific units take retain
     descent only; everything else is frozen. Units are heads (their rows of q/k/v, columns of o), MLP
     neurons (their rows of gate/up, column of down) and, with `circuits.item_units`, items (their row of
-    the tied embedding)."""
+    the tied embedding). With `unlearn.forget_item_rows: scored` every item row is task-shared instead: the
+    forget gradient reaches only the rows of the items being forgotten, and every user's retain objective
+    holds every row."""
 
     needs_circuits = True
 
@@ -343,6 +356,9 @@ class CircuitAwareUnlearning(GradientProjection):
         if self.circuits is None:
             self.circuits = circuits_for(model, self.forget, self.retain, settings.circuits, settings.seed)
         self._masks = parameter_masks(model, self.circuits)
+        if self.settings.forget_item_rows == "scored" and EMBEDDING in self._masks["shared"]:
+            for group, masks in self._masks.items():
+                masks[EMBEDDING] = torch.full_like(masks[EMBEDDING], float(group == "shared"))
         self._trainable = [name for name, _ in model.named_parameters() if name in self._masks["shared"]]
 
     def parameters(self) -> list[torch.nn.Parameter]:
@@ -361,6 +377,9 @@ class CircuitAwareUnlearning(GradientProjection):
         return result
 
 
+EMBEDDING = "model.embed_tokens.weight"  # the tied item embedding, which is also the item head
+
+
 def parameter_masks(model: LlamaForCausalLM, circuits: Circuits) -> dict[str, dict[str, torch.Tensor]]:
     """Per group, a 0/1 mask over each parameter tensor that a head, neuron or item of that group owns.
 
@@ -374,7 +393,7 @@ def parameter_masks(model: LlamaForCausalLM, circuits: Circuits) -> dict[str, di
     for group in masks:
         for site, units in circuits.groups[group].items():
             if site == "items":  # an item's row of the tied embedding, which is also its row of the item head
-                name = "model.embed_tokens.weight"
+                name = EMBEDDING
                 masks[group][name] = units.float()[:, None].expand_as(params[name])
                 continue
             layer = int(site.split(".")[0].removeprefix("layer"))

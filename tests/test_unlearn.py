@@ -72,14 +72,17 @@ def test_every_method_changes_the_model_through_the_shared_interface(name, train
     assert set(result.aucs) == {"loss", "mink", "minkpp"}
 
 
-def test_cure_touches_only_circuit_units(trained, snapshot, settings):
+@pytest.mark.parametrize("item_rows", ["all", "scored"])
+def test_cure_touches_only_circuit_units(item_rows, trained, snapshot, settings):
+    """Heads and neurons move by their group's rule; item rows by theirs too, or, when the forget gradient
+    reaches only the forgotten items' rows, all of them as task-shared (the retain objective holds every row)."""
     import copy
 
     import torch
 
     model = copy.deepcopy(trained[0])
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    cure = method_named("cure")(model, settings, forget_users(snapshot))
+    cure = method_named("cure")(model, with_unlearn(settings, forget_item_rows=item_rows), forget_users(snapshot))
     optimizer = torch.optim.AdamW(cure.parameters(), lr=1e-2, weight_decay=0.0)  # as the shared loop
     for _ in range(3):
         cure.step(cure.forget.batch(slice(0, 8)), cure.retain.batch(slice(0, 8)), optimizer)
@@ -103,7 +106,35 @@ def test_cure_touches_only_circuit_units(trained, snapshot, settings):
             assert moved == should_move, f"{group} neuron {neuron}"
         for item in torch.nonzero(cure.circuits.groups[group]["items"]).flatten().tolist():
             moved = not torch.equal(after["model.embed_tokens.weight"][item], before["model.embed_tokens.weight"][item])
-            assert moved == should_move, f"{group} item {item}"
+            assert moved == (should_move or item_rows == "scored"), f"{group} item {item}"
+
+
+@pytest.mark.parametrize("item_rows", ["all", "scored"])
+def test_the_forget_gradient_reaches_only_the_forgotten_items_rows_when_asked(item_rows, trained, snapshot, settings):
+    """Pure ascent, one step: with `scored`, exactly the item rows scored in the forget batch change (every other
+    parameter still moves); with `all`, the softmax lifts the rows of other items as well."""
+    import copy
+
+    import torch
+
+    from pipeline.data import FIRST_ITEM_TOKEN
+    from pipeline.model import scored_labels
+
+    model = copy.deepcopy(trained[0])
+    before = model.get_input_embeddings().weight.detach().clone()
+    rows_settings = with_unlearn(settings, forget_item_rows=item_rows)
+    ascent = method_named("grad_ascent")(model, rows_settings, forget_users(snapshot))
+    forget = ascent.forget.batch(slice(0, 8))
+    ascent.step(forget, ascent.retain.batch(slice(0, 8)), torch.optim.SGD(ascent.parameters(), lr=1e-2))
+    moved = (model.get_input_embeddings().weight.detach() != before).any(1)
+    scored = torch.zeros_like(moved)
+    scored[scored_labels(forget)] = True
+    assert moved[scored].all(), "every forgotten item's row takes the ascent"
+    if item_rows == "scored":
+        assert not moved[~scored].any(), f"rows of {int(moved[~scored].sum())} other items moved"
+    else:
+        assert moved[FIRST_ITEM_TOKEN:][~scored[FIRST_ITEM_TOKEN:]].sum() > 100, "the softmax lifts other items"
+    assert not torch.equal(model.model.norm.weight, trained[0].model.norm.weight), "other parameters still move"
 
 
 def test_retrain_never_sees_the_forgotten_users(trained, snapshot, settings):
