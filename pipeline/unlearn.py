@@ -39,6 +39,7 @@ from pipeline.splits import UnlearningData
 log = logging.getLogger(__name__)
 
 METHODS: dict[str, type[UnlearningMethod]] = {}
+EMBEDDING = "model.embed_tokens.weight"  # the tied item embedding, which is also the item head
 
 
 def register(name: str):
@@ -375,9 +376,6 @@ class CircuitAwareUnlearning(GradientProjection):
         result = super().run(probe, progress)
         result.circuits = self.circuits
         return result
-
-
-EMBEDDING = "model.embed_tokens.weight"  # the tied item embedding, which is also the item head
 
 
 def parameter_masks(model: LlamaForCausalLM, circuits: Circuits) -> dict[str, dict[str, torch.Tensor]]:
