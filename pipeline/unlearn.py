@@ -356,10 +356,7 @@ class CircuitAwareUnlearning(GradientProjection):
         super().__init__(model, settings, data, circuits)
         if self.circuits is None:
             self.circuits = circuits_for(model, self.forget, self.retain, settings.circuits, settings.seed)
-        self._masks = parameter_masks(model, self.circuits)
-        if self.settings.forget_item_rows == "scored" and EMBEDDING in self._masks["shared"]:
-            for group, masks in self._masks.items():
-                masks[EMBEDDING] = torch.full_like(masks[EMBEDDING], float(group == "shared"))
+        self._masks = parameter_masks(model, self.circuits, items_shared=self.settings.forget_item_rows == "scored")
         self._trainable = [name for name, _ in model.named_parameters() if name in self._masks["shared"]]
 
     def parameters(self) -> list[torch.nn.Parameter]:
@@ -378,8 +375,11 @@ class CircuitAwareUnlearning(GradientProjection):
         return result
 
 
-def parameter_masks(model: LlamaForCausalLM, circuits: Circuits) -> dict[str, dict[str, torch.Tensor]]:
-    """Per group, a 0/1 mask over each parameter tensor that a head, neuron or item of that group owns.
+def parameter_masks(
+    model: LlamaForCausalLM, circuits: Circuits, items_shared: bool = False
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Per group, a 0/1 mask over each parameter tensor that a head, neuron or item of that group owns;
+    with `items_shared`, every item row is task-shared whatever its group.
 
     Every group holds the same parameter names (the q/k/v/o and gate/up/down weights of every layer, and the
     item embedding when items are units).
@@ -392,7 +392,8 @@ def parameter_masks(model: LlamaForCausalLM, circuits: Circuits) -> dict[str, di
         for site, units in circuits.groups[group].items():
             if site == "items":  # an item's row of the tied embedding, which is also its row of the item head
                 name = EMBEDDING
-                masks[group][name] = units.float()[:, None].expand_as(params[name])
+                rows = torch.full(units.shape, float(group == "shared")) if items_shared else units.float()
+                masks[group][name] = rows[:, None].expand_as(params[name])
                 continue
             layer = int(site.split(".")[0].removeprefix("layer"))
             prefix = f"model.layers.{layer}"
