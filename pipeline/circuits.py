@@ -66,13 +66,11 @@ def _on_activation(
 
 @contextmanager
 def _capture(model: LlamaForCausalLM, items: bool = False) -> Iterator[dict[str, torch.Tensor]]:
-    """Record each site's activation (a layer's input; the item head's output) and, after backward, its gradient."""
+    """Record each site's activation (a layer's input; the item head's output), still in the autograd graph."""
     captured: dict[str, torch.Tensor] = {}
 
     def record(site: str, activation: torch.Tensor) -> None:
-        captured[f"{site}.act"] = activation.detach()
-        if activation.requires_grad:
-            activation.register_hook(lambda grad: captured.__setitem__(f"{site}.grad", grad.detach()))
+        captured[site] = activation
 
     handles = [
         _on_activation(module, site, lambda activation, site=site: record(site, activation))
@@ -88,25 +86,27 @@ def _capture(model: LlamaForCausalLM, items: bool = False) -> Iterator[dict[str,
 def attribution_scores(
     model: LlamaForCausalLM, windows: Windows, batch_size: int, items: bool = False
 ) -> dict[str, torch.Tensor]:
-    """Per site, a score per unit (head, neuron, and with `items` item) for the next-item loss on `windows`."""
+    """Per site, a score per unit (head, neuron, and with `items` item) for the next-item loss on `windows`.
+
+    The backward pass asks for the activations' gradients only: no weight gradient is computed."""
     model.eval()
     totals: dict[str, torch.Tensor] = {}
     count = 0
+    sites = list(_sites(model, items))
     for start in range(0, len(windows), batch_size):
         batch = windows.batch(slice(start, start + batch_size))
         scored = batch.labels != IGNORE
         with _capture(model, items) as captured:
-            model.zero_grad(set_to_none=True)
-            window_loss(model, batch).backward()
-        for site in _sites(model, items):
-            activation, gradient = captured[f"{site}.act"], captured[f"{site}.grad"]
+            loss = window_loss(model, batch)
+        gradients = torch.autograd.grad(loss, [captured[site] for site in sites])
+        for site, gradient in zip(sites, gradients, strict=True):
+            activation = captured[site].detach()
             if site != "items":  # the item head runs on the scored positions only (model.scored_logits)
                 activation, gradient = activation[scored], gradient[scored]
             centred = activation - activation.mean(dim=0, keepdim=True)
             contribution = _per_unit(model, site, centred * gradient).abs().sum(dim=0)
             totals[site] = totals.get(site, 0) + contribution
         count += int(scored.sum())
-    model.zero_grad(set_to_none=True)
     return {site: total / max(count, 1) for site, total in totals.items()}
 
 
@@ -242,7 +242,7 @@ def site_means(
             model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
             scored = batch.labels != IGNORE
             for site in _sites(model, items):
-                sums[site] = sums.get(site, 0) + captured[f"{site}.act"][scored].sum(0)
+                sums[site] = sums.get(site, 0) + captured[site][scored].sum(0)
             count += int(scored.sum())
     return {site: total / max(count, 1) for site, total in sums.items()}
 

@@ -66,6 +66,7 @@ class EvalSettings(_Frozen):
     bootstrap_samples: int = Field(ge=100)
     confidence: float = Field(gt=0.5, lt=1.0)
     batch_size: int = Field(ge=1)
+    attack_batch_size: int = Field(ge=1)
 
     @model_validator(mode="after")
     def _ten_is_reported(self) -> EvalSettings:
@@ -92,6 +93,7 @@ class UnlearnSettings(_Frozen):
     forget_objective: Literal["ascent", "non_member_level"]
     forget_item_rows: Literal["all", "scored"]
     eval_every: int = Field(ge=1)
+    patience: int = Field(ge=1)
     target_auc_band: tuple[float, float]
     npo_beta: float = Field(gt=0.0)
     ssd_alpha: float = Field(gt=0.0)

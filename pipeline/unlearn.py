@@ -5,7 +5,8 @@ open-unlearning. Most override `loss` (a forget batch and a retain batch become 
 is more than a loss overrides `step` (CURE, gradient projection) or the whole `run` (retrain, SSD).
 The shared loop owns the rest: sampling, the optimiser, progress, and the stopping rule: stop once the
 forgotten users' membership-inference AUC against non-members lies inside the target band around 0.5
-for every attack, and keep the checkpoint that came closest if it never does.
+for every attack, or once `patience` checks in a row have not come closer to it, and keep the checkpoint
+that came closest if it never gets there.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ class LeakageProbe:
         self.forgotten, self.non_members = data.forgotten_users, data.non_members
 
     def scores(self, model: LlamaForCausalLM) -> dict[str, dict[int, float]]:
-        batch_size, fraction = self.settings.eval.batch_size, self.settings.eval.mink_fraction
+        batch_size, fraction = self.settings.eval.attack_batch_size, self.settings.eval.mink_fraction
         forgotten = attack_scores(position_stats(model, self.forget_windows, batch_size), fraction)
         strangers = attack_scores(position_stats(model, self.non_member_windows, batch_size), fraction)
         return {attack: {**strangers[attack], **forgotten[attack]} for attack in ATTACKS}
@@ -155,9 +156,12 @@ class UnlearningMethod:
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
         self.forget_ceiling, self.reached_ceiling = None, False
         if self.settings.forget_objective == "non_member_level":
-            with torch.no_grad():
-                strangers = make_windows(data.non_member_sequences, max_len)
-                self.forget_ceiling = float(window_nll(model.eval(), strangers).mean()) if len(strangers) else None
+            strangers, size = make_windows(data.non_member_sequences, max_len), settings.eval.attack_batch_size
+            model.eval()
+            starts = range(0, len(strangers), size)
+            with torch.no_grad():  # in batches: one (positions x items) block for every non-member is slow
+                losses = [window_nll(model, strangers.batch(slice(at, at + size))) for at in starts]
+            self.forget_ceiling = float(torch.cat(losses).mean()) if losses else None
 
     # -- the pieces a method combines -------------------------------------------------------------
     def forget_rows(self, forget: Windows) -> torch.Tensor | None:
@@ -225,7 +229,7 @@ class UnlearningMethod:
         best = (worst_deviation(aucs), 0, aucs, copy.deepcopy(model.state_dict()))
         if in_band(aucs, config.target_auc_band):
             return UnlearnResult(0, "already inside the target band before any update", 0, aucs, history)
-        stopped, step = "max_steps reached", 0
+        stopped, step, stale = "max_steps reached", 0, 0  # stale: checks in a row since the best one
         bar = progress_bar(range(1, config.max_steps + 1), f"unlearn[{self.name}]", "step", progress)
         for step in bar:
             model.train()
@@ -246,12 +250,17 @@ class UnlearningMethod:
             history.append({"step": step, "loss": loss, **{f"auc_{a}": v for a, v in aucs.items()}})
             bar.set_postfix(loss=f"{loss:.3f}", worst_auc_gap=f"{worst_deviation(aucs):.3f}", refresh=False)
             if worst_deviation(aucs) < best[0]:
-                best = (worst_deviation(aucs), step, aucs, copy.deepcopy(model.state_dict()))
+                best, stale = (worst_deviation(aucs), step, aucs, copy.deepcopy(model.state_dict())), 0
+            else:
+                stale += 1
             if in_band(aucs, config.target_auc_band):
                 stopped = "inside the target band"
                 break
             if all(value < config.target_auc_band[0] for value in aucs.values()):
                 stopped = "overshot below the target band; kept the checkpoint closest to 0.5"
+                break
+            if stale >= config.patience:
+                stopped = f"{stale} checks without coming closer to the band; kept the checkpoint closest to 0.5"
                 break
         model.load_state_dict(best[3])
         model.eval()

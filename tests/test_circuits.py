@@ -28,13 +28,14 @@ def windows(snapshot, settings):
 
 def test_scores_cover_every_head_and_neuron(trained, windows, settings):
     model = trained[0]
+    model.zero_grad(set_to_none=True)
     scores = attribution_scores(model, windows[0], batch_size=16)
     config = model.config
     assert set(scores) == {f"layer{i}.{kind}" for i in range(config.num_hidden_layers) for kind in ("heads", "neurons")}
     assert scores["layer0.heads"].shape == (config.num_attention_heads,)
     assert scores["layer0.neurons"].shape == (config.intermediate_size,)
     assert all((score >= 0).all() and score.sum() > 0 for score in scores.values())
-    assert all(p.grad is None for p in model.parameters())
+    assert all(p.grad is None for p in model.parameters()), "attribution needs no weight gradient"
 
 
 def test_scores_do_not_depend_on_batch_size(trained, windows):

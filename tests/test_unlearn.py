@@ -43,6 +43,20 @@ def test_the_stopping_rule_stops_at_once_inside_the_band(fresh_model, snapshot, 
     assert result.steps == 0 and "already inside" in result.stopped
 
 
+def test_the_stopping_rule_gives_up_after_patience_checks_without_progress(trained, snapshot, settings):
+    """A loop that cannot come closer to the band (a learning rate too small to move any score) stops after
+    `patience` checks and keeps the model it started from; with more patience it runs to max_steps."""
+    import copy
+
+    data = forget_users(snapshot)
+    stalled = with_unlearn(settings, learning_rate=1e-12, max_steps=12, eval_every=2, patience=2)
+    result = run_unlearning(copy.deepcopy(trained[0]), data, stalled, progress=False)
+    assert result.steps == 4 and result.best_step == 0, result.history
+    assert result.stopped.startswith("2 checks without coming closer"), result.stopped
+    patient = with_unlearn(settings, learning_rate=1e-12, max_steps=12, eval_every=2, patience=12)
+    assert run_unlearning(copy.deepcopy(trained[0]), data, patient, progress=False).stopped == "max_steps reached"
+
+
 def test_same_params_same_unlearned_model(trained, snapshot, settings):
     import copy
 
