@@ -93,8 +93,7 @@ def attribution_scores(
     totals: dict[str, torch.Tensor] = {}
     count = 0
     sites = list(_sites(model, items))
-    for start in range(0, len(windows), batch_size):
-        batch = windows.batch(slice(start, start + batch_size))
+    for batch in windows.batches(batch_size):
         scored = batch.labels != IGNORE
         with _capture(model, items) as captured:
             loss = window_loss(model, batch)
@@ -237,8 +236,7 @@ def site_means(
     sums: dict[str, torch.Tensor] = {}
     count = 0
     with torch.no_grad(), _capture(model, items) as captured:
-        for start in range(0, len(windows), batch_size):
-            batch = windows.batch(slice(start, start + batch_size))
+        for batch in windows.batches(batch_size):
             model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
             scored = batch.labels != IGNORE
             for site in _sites(model, items):
@@ -279,8 +277,7 @@ def mean_ablated(model: LlamaForCausalLM, units: set[tuple[str, int]], means: di
 @torch.no_grad()
 def mean_loss(model: LlamaForCausalLM, windows: Windows, batch_size: int) -> float:
     total, count = 0.0, 0
-    for start in range(0, len(windows), batch_size):
-        batch = windows.batch(slice(start, start + batch_size))
+    for batch in windows.batches(batch_size):
         positions = int((batch.labels != IGNORE).sum())
         total += float(window_loss(model, batch)) * positions
         count += positions

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,6 +101,11 @@ class Windows:
 
     def batch(self, index: torch.Tensor | slice) -> Windows:
         return Windows(self.users[index], self.input_ids[index], self.labels[index])
+
+    def batches(self, size: int) -> Iterator[Windows]:
+        """Consecutive batches of at most `size` windows, in order."""
+        for start in range(0, len(self), size):
+            yield self.batch(slice(start, start + size))
 
     @property
     def attention_mask(self) -> torch.Tensor:
@@ -211,8 +217,7 @@ def position_stats(model: LlamaForCausalLM, windows: Windows, batch_size: int) -
     """What the LOSS, Min-K% and Min-K%++ attacks need, in one forward pass per batch."""
     model.eval()
     users, log_probs, means, stds = [], [], [], []
-    for start in range(0, len(windows), batch_size):
-        batch = windows.batch(slice(start, start + batch_size))
+    for batch in windows.batches(batch_size):
         scored = batch.labels != IGNORE
         log_p = torch.log_softmax(scored_logits(model, batch), dim=-1)
         p = log_p.exp()

@@ -156,11 +156,10 @@ class UnlearningMethod:
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
         self.forget_ceiling, self.reached_ceiling = None, False
         if self.settings.forget_objective == "non_member_level":
-            strangers, size = make_windows(data.non_member_sequences, max_len), settings.eval.attack_batch_size
+            strangers = make_windows(data.non_member_sequences, max_len)
             model.eval()
-            starts = range(0, len(strangers), size)
             with torch.no_grad():  # in batches: one (positions x items) block for every non-member is slow
-                losses = [window_nll(model, strangers.batch(slice(at, at + size))) for at in starts]
+                losses = [window_nll(model, batch) for batch in strangers.batches(settings.eval.attack_batch_size)]
             self.forget_ceiling = float(torch.cat(losses).mean()) if losses else None
 
     # -- the pieces a method combines -------------------------------------------------------------
@@ -437,8 +436,8 @@ class SelectiveSynapticDampening(UnlearningMethod):
     def fisher(self, windows: Windows) -> list[torch.Tensor]:
         totals = [torch.zeros_like(p) for p in self.parameters()]
         size = self.full_settings.eval.batch_size
-        for start in range(0, len(windows), size):
-            grads = self.gradients(window_loss(self.model, windows.batch(slice(start, start + size))))
+        for batch in windows.batches(size):
+            grads = self.gradients(window_loss(self.model, batch))
             totals = [t + g.square() for t, g in zip(totals, grads, strict=True)]
         batches = max(1, -(-len(windows) // size))
         return [t / batches for t in totals]
