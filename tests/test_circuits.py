@@ -78,6 +78,14 @@ def test_the_forget_circuit_is_faithful(trained, windows, settings):
     report = faithfulness(trained[0], circuits, forget, retain, 16, seed=0)
     assert report["forget_loss_rise_forget_circuit"] > report["forget_loss_rise_random_mean"]
     assert np.isfinite(report["ratio_retain_forget_vs_retain_circuit"])
+    # the split itself, with item units as the benchmark extracts them: with equal fractions the two specific
+    # parts have the same size, and each hurts its own objective more than the other part does
+    circuits = extract_circuits(trained[0], forget, retain, 0.1, 0.1, 16, items=True)
+    report = faithfulness(trained[0], circuits, forget, retain, 16, seed=0)
+    assert report["forget_specific_units"] == report["retain_specific_units"] > 0
+    assert report["forget_loss_rise_forget_specific"] > report["forget_loss_rise_random_specific_mean"]
+    assert report["retain_loss_rise_forget_specific"] < report["retain_loss_rise_retain_specific"]
+    assert report["forget_loss_rise_retain_specific"] < report["forget_loss_rise_forget_specific"]
 
 
 def test_item_units_are_scored_on_the_item_head_and_can_be_ablated(trained, windows):
