@@ -310,7 +310,8 @@ def faithfulness(
     def rises(units: set) -> tuple[float, float]:
         """How much mean-ablating these units raises the forget loss and the retain loss."""
         with mean_ablated(model, units, means):
-            return mean_loss(model, forget, batch_size) - base_forget, mean_loss(model, retain, batch_size) - base_retain
+            forget_loss, retain_loss = mean_loss(model, forget, batch_size), mean_loss(model, retain, batch_size)
+        return forget_loss - base_forget, retain_loss - base_retain
 
     def random_rise(size: int) -> float:
         """The forget loss's mean rise over `random_sets` random unit sets of this size."""
