@@ -375,7 +375,8 @@ def circuit_faithfulness(
     base: LlamaForCausalLM, data: UnlearningData, circuits: Circuits, settings: Settings, seed: int
 ) -> dict[str, float]:
     """Mean-ablate the circuits CURE used, on the model they were extracted from: the forget circuit against
-    random unit sets of its size (forget loss), and against the retain circuit (retain loss)."""
+    random unit sets of its size (forget loss), and against the retain circuit (retain loss); the same again
+    for their specific parts alone (`circuits.faithfulness`)."""
     max_len, config = settings.model.max_len, settings.circuits
     forget = make_windows(data.forget_sequences, max_len, data.forget_scored)
     sample = retain_sample(make_windows(data.retain_sequences, max_len), config, seed)
