@@ -116,16 +116,28 @@ def write_report(out: Path, rows: list[dict], record: dict, settings) -> tuple[s
 
 
 def judge(out: Path, settings) -> dict:
-    """Rewrite the summary, the verdicts and the plot from a finished run's files, e.g. after bench.acceptance
-    changed: judging needs no rerun, and the measured rows are read, never changed."""
+    """Rewrite what the rules decide from a finished run's files, e.g. after bench.acceptance or the tuning rule
+    changed: the grid's summary, verdicts and plot, and the tuning's choice. Judging needs no rerun, and the
+    measured rows are read, never changed."""
     paths = [out / "benchmark.json", out / "benchmark_summary.json"]
-    if missing := [str(path) for path in paths if not path.exists()]:
-        raise FileNotFoundError(f"{', '.join(missing)}: run `lethe bench --out {out}` first")
+    tuning_path, judged = out / "tuning.json", {"out": str(out)}
+    if tuning_path.exists():
+        record = json.loads(tuning_path.read_text())
+        record |= choose(record["rows"], settings.unlearn.target_auc_band)
+        tuning_path.write_text(json.dumps(record, indent=2))
+        (out / "tuning.md").write_text(tuning_table(record, settings))
+        print(json.dumps(record["choice"]))
+        judged["tuning_choice"] = record["choice"]
+    if not all(path.exists() for path in paths):
+        if tuning_path.exists():
+            return judged
+        missing = [str(path) for path in paths if not path.exists()]
+        raise FileNotFoundError(f"{', '.join(missing)}: run `lethe bench --out {out}` (or --tuning) first")
     rows, previous = (json.loads(path.read_text()) for path in paths)
     record = {key: previous[key] for key in RECORD_KEYS}
     _, criteria = write_report(out, rows, record, settings)
     print(acceptance_table(criteria, rows, settings.bench.acceptance.rate))
-    return {"rows": len(rows), "out": str(out), "criteria": len(criteria)}
+    return {**judged, "rows": len(rows), "criteria": len(criteria)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -140,7 +152,8 @@ def main(argv: list[str] | None = None) -> dict:
     mode.add_argument(
         "--judge",
         action="store_true",
-        help="rewrite the summary, the acceptance verdicts and the plot from the rows in --out; no rerun",
+        help="rewrite the acceptance verdicts, the summary and plot, and the tuning choice from the rows in --out; "
+        "no rerun",
     )
     cli.add_argument("--out", type=Path, default=Path("results"), help="results folder (default: ./results)")
     args = cli.parse_args(argv)

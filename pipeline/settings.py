@@ -84,6 +84,7 @@ def _check_band(band: tuple[float, float], name: str) -> None:
 class UnlearnSettings(_Frozen):
     method: str
     learning_rate: float = Field(gt=0.0)
+    layer_lr_scale: float = Field(ge=0.0)
     max_steps: int = Field(ge=1)
     warmup_steps: int = Field(ge=1)
     batch_size: int = Field(ge=1)

@@ -205,6 +205,18 @@ class UnlearningMethod:
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
+    def parameter_groups(self) -> list[dict]:
+        """The optimiser's groups: the item embedding at the learning rate, the transformer layers at
+        `layer_lr_scale` of it. Every user's every position passes through the layers, while an item's row
+        serves only the contexts that hold or score that item; AdamW moves every parameter by about the
+        learning rate whatever its gradient's size, so at one rate for both the layers' changes cost most of
+        the utility that unlearning loses."""
+        embedding, config = self.model.get_input_embeddings().weight, self.settings
+        items = [p for p in self.parameters() if p is embedding]
+        layers = [p for p in self.parameters() if p is not embedding]
+        groups = [(items, config.learning_rate), (layers, config.learning_rate * config.layer_lr_scale)]
+        return [{"params": params, "lr": lr} for params, lr in groups if params]
+
     def step(self, forget: Windows, retain: Windows, optimizer: torch.optim.Optimizer) -> float:
         loss = self.loss(forget, retain)
         optimizer.zero_grad()
@@ -220,7 +232,7 @@ class UnlearningMethod:
     # -- the shared loop --------------------------------------------------------------------------
     def run(self, probe: LeakageProbe, progress: bool = True) -> UnlearnResult:
         config, model = self.settings, self.model
-        optimizer = torch.optim.AdamW(self.parameters(), lr=config.learning_rate, weight_decay=0.0)
+        optimizer = torch.optim.AdamW(self.parameter_groups(), lr=config.learning_rate, weight_decay=0.0)
         # Linear warm-up: a small batch (a few users) can cross the band within the first full-size steps.
         warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: min(1.0, (done + 1) / config.warmup_steps))
         aucs = probe.point(model)

@@ -85,11 +85,11 @@ def test_quick_benchmark_writes_rows_table_plot_and_runs(tmp_path, monkeypatch):
     assert len(children) == len(rows)
 
 
-def _tuning_row(method, rate, fractions, seed, ratio, auc):
+def _tuning_row(method, rate, fractions, seed, ratio, auc, retrain=0.05):
     forget_fraction, retain_fraction = fractions
     return {
         "method": method, "learning_rate": rate, "forget_fraction": forget_fraction,
-        "retain_fraction": retain_fraction, "seed": seed,
+        "retain_fraction": retain_fraction, "seed": seed, "ndcg10_retain": ratio * retrain,
         "ndcg10_vs_retrain": ratio, "jsd_to_retrain": 0.3, "speedup_vs_retrain": 5.0, "steps": 10,
         **{f"mia_auc_{a}": auc for a in ("loss", "mink", "minkpp")},
         **{f"mia_auc_{a}_minus_retrain": auc - 0.5 for a in ("loss", "mink", "minkpp")},
@@ -115,6 +115,20 @@ def test_choose_takes_the_smallest_rate_that_forgets_then_cures_best_fraction():
     assert decision["choice"] == {"learning_rate": 0.02, "forget_fraction": 0.5, "retain_fraction": 0.7}
     grad_diff = next(e for e in decision["means"] if e["method"] == "grad_diff" and e["learning_rate"] == 0.02)
     assert grad_diff["seeds"] == 2 and grad_diff["mia_auc_loss"] == pytest.approx(0.54) and grad_diff["in_band"]
+    # the ratio of the means, not the mean of per-seed ratios: with retrains at 0.05 and 0.01, (0.3, 0.7)'s
+    # ratios 0.6 and 1.3 average 0.95, above (0.5, 0.7)'s 0.87, but its NDCG is 0.717 of retrain's on the means
+    pair = ("cure", 0.02, 0.3, 0.7)
+    skewed = [r for r in rows if (r["method"], r["learning_rate"], r["forget_fraction"], r["retain_fraction"]) != pair]
+    skewed += [
+        _tuning_row("cure", 0.02, (0.3, 0.7), 0, 0.6, 0.52),
+        _tuning_row("cure", 0.02, (0.3, 0.7), 1, 1.3, 0.52, retrain=0.01),
+    ]
+    skewed_decision = choose(skewed, band)
+    means = {(e["method"], e["learning_rate"], e["forget_fraction"], e["retain_fraction"]): e
+             for e in skewed_decision["means"]}  # fmt: skip
+    assert means[pair]["ndcg10_vs_retrain"] == pytest.approx(0.95)
+    assert means[pair]["ndcg10_ratio_of_means"] == pytest.approx(0.043 / 0.06)
+    assert skewed_decision["choice"] == decision["choice"]
     never = [r for r in rows if not (r["method"] == "grad_diff" and r["learning_rate"] > 0.01)]
     assert choose(never, band)["choice"] == {"learning_rate": None, "forget_fraction": None, "retain_fraction": None}
 
@@ -248,3 +262,10 @@ def test_tuning_runs_every_variant_on_the_tuning_seeds_only(tmp_path, monkeypatc
     assert record["base_model"]["weights_sha256"]
     table = (out / "tuning.md").read_text()
     assert table.count("| cure |") == 4 and f"learning rate {result['choice']['learning_rate']}" in table
+
+    # judging again under a band no row lies in (all three AUCs within 1e-5 of 0.5) re-decides from the same rows
+    none = write_params(tmp_path / "none.yaml", **{"unlearn.target_auc_band": [0.49999, 0.50001]})
+    judged = bench.main(["--params", str(none), "--home", str(home), "--judge", "--out", str(out)])
+    rejudged = json.loads((out / "tuning.json").read_text())
+    assert judged["tuning_choice"] == rejudged["choice"] == dict.fromkeys(rejudged["choice"])
+    assert rejudged["rows"] == rows and "learning rate None" in (out / "tuning.md").read_text()

@@ -86,6 +86,34 @@ def test_every_method_changes_the_model_through_the_shared_interface(name, train
     assert set(result.aucs) == {"loss", "mink", "minkpp"}
 
 
+@pytest.mark.parametrize("scale", [0.0, 0.1])
+def test_the_layers_learn_at_their_share_of_the_learning_rate(scale, trained, snapshot, settings):
+    """AdamW's first step moves every parameter with a gradient by about its group's learning rate: the item
+    rows by unlearn.learning_rate, the transformer layers by layer_lr_scale of it. The shared loop uses
+    these groups: at scale 0 a whole run leaves every layer as it was."""
+    import copy
+
+    import torch
+
+    model = copy.deepcopy(trained[0])
+    scaled = with_unlearn(settings, method="grad_diff", layer_lr_scale=scale)
+    method = method_named("grad_diff")(model, scaled, forget_users(snapshot))
+    rate = settings.unlearn.learning_rate
+    optimizer = torch.optim.AdamW(method.parameter_groups(), lr=rate, weight_decay=0.0)
+    method.step(method.forget.batch(slice(0, 8)), method.retain.batch(slice(0, 8)), optimizer)
+    before = dict(trained[0].named_parameters())
+    moved = {name: float((p - before[name]).detach().abs().max()) for name, p in model.named_parameters()}
+    assert moved.pop("model.embed_tokens.weight") == pytest.approx(rate, rel=1e-3)
+    assert max(moved.values()) == pytest.approx(rate * scale, rel=1e-3, abs=1e-9), moved
+    if scale == 0.0:
+        model = copy.deepcopy(trained[0])
+        result = run_unlearning(model, forget_users(snapshot), with_unlearn(scaled, max_steps=4), progress=False)
+        assert result.best_step > 0, result.history
+        after = dict(model.named_parameters())
+        assert not torch.equal(after["model.embed_tokens.weight"], before["model.embed_tokens.weight"])
+        assert all(torch.equal(p, before[name]) for name, p in after.items() if name != "model.embed_tokens.weight")
+
+
 @pytest.mark.parametrize("item_rows", ["all", "scored"])
 def test_cure_touches_only_circuit_units(item_rows, trained, snapshot, settings):
     """Heads and neurons move by their group's rule; item rows by theirs too, or, when the forget gradient
