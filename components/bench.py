@@ -47,7 +47,14 @@ def base_provenance(directory: Path, meta: dict) -> dict:
     figures, so the results name its weights' hash, its data snapshot, its own test utility and the machine."""
     train = json.loads((directory / "train.json").read_text())
     return {
-        "machine": {"cpu": _cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__},
+        "machine": {
+            "cpu": _cpu_model(),
+            # the kernels torch picked (AVX2, AVX512, ...): two processors of one name can differ here, and so
+            # round floats otherwise and train other weights
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
         "weights_sha256": hashlib.sha256((directory / "model.safetensors").read_bytes()).hexdigest(),
         "snapshot_hash": meta.get("snapshot_hash"),
         "seed": meta.get("seed"),

@@ -75,7 +75,9 @@ def test_quick_benchmark_writes_rows_table_plot_and_runs(tmp_path, monkeypatch):
         bench.main(["--params", str(params), "--home", str(home), "--judge", "--out", str(tmp_path / "none")])
     weights = (home / "models" / "base" / "model.safetensors").read_bytes()
     assert summary["base_model"]["weights_sha256"] == hashlib.sha256(weights).hexdigest()
-    assert summary["base_model"]["machine"]["torch"] == torch.__version__ and summary["base_model"]["machine"]["cpu"]
+    machine = summary["base_model"]["machine"]
+    assert machine["torch"] == torch.__version__ and machine["cpu"]
+    assert machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     floor = summary["retrain_floor"][0]
     assert floor["ndcg10_ratio_ci"][0] <= floor["ndcg10_ratio"] <= floor["ndcg10_ratio_ci"][1]
     assert (out / "pareto.png").stat().st_size > 0
