@@ -86,15 +86,22 @@ def tuning(base, snapshot, settings, out: Path, provenance: dict) -> dict:
             )
 
         rows = tune(base, snapshot, settings, report)
-        decision = choose(rows, settings.unlearn.target_auc_band)
         out.mkdir(parents=True, exist_ok=True)
-        record = {"rows": rows, **decision, "base_model": provenance, "wall_s_total": time.perf_counter() - started}
-        (out / "tuning.json").write_text(json.dumps(record, indent=2))
-        (out / "tuning.md").write_text(tuning_table(decision, settings))
+        measured = {"rows": rows, "base_model": provenance, "wall_s_total": time.perf_counter() - started}
+        record = write_tuning(out, measured, settings)
         mlflow.log_artifact(str(out / "tuning.json"))
         mlflow.log_artifact(str(out / "tuning.md"))
-    print(json.dumps(decision["choice"]))
-    return {"rows": len(rows), "choice": decision["choice"], "out": str(out), "run_id": parent.info.run_id}
+    print(json.dumps(record["choice"]))
+    return {"rows": len(rows), "choice": record["choice"], "out": str(out), "run_id": parent.info.run_id}
+
+
+def write_tuning(out: Path, record: dict, settings) -> dict:
+    """The tuning rule's decision on a record's rows, written with the record to tuning.json and tuning.md.
+    Returns the record with the decision (the means it decided on and the choice)."""
+    record = {**record, **choose(record["rows"], settings.unlearn.target_auc_band)}
+    (out / "tuning.json").write_text(json.dumps(record, indent=2))
+    (out / "tuning.md").write_text(tuning_table(record, settings))
+    return record
 
 
 RECORD_KEYS = ("retrain_floor", "circuit_stability", "circuit_faithfulness", "base_model", "wall_s_total")
@@ -126,20 +133,17 @@ def judge(out: Path, settings) -> dict:
     """Rewrite what the rules decide from a finished run's files, e.g. after bench.acceptance or the tuning rule
     changed: the grid's summary, verdicts and plot, and the tuning's choice. Judging needs no rerun, and the
     measured rows are read, never changed."""
-    paths = [out / "benchmark.json", out / "benchmark_summary.json"]
-    tuning_path, judged = out / "tuning.json", {"out": str(out)}
+    paths, tuning_path = [out / "benchmark.json", out / "benchmark_summary.json"], out / "tuning.json"
+    missing = [str(path) for path in paths if not path.exists()]
+    if missing and not tuning_path.exists():
+        raise FileNotFoundError(f"{', '.join(missing)}: run `lethe bench --out {out}` (or --tuning) first")
+    judged = {"out": str(out)}
     if tuning_path.exists():
-        record = json.loads(tuning_path.read_text())
-        record |= choose(record["rows"], settings.unlearn.target_auc_band)
-        tuning_path.write_text(json.dumps(record, indent=2))
-        (out / "tuning.md").write_text(tuning_table(record, settings))
+        record = write_tuning(out, json.loads(tuning_path.read_text()), settings)
         print(json.dumps(record["choice"]))
         judged["tuning_choice"] = record["choice"]
-    if not all(path.exists() for path in paths):
-        if tuning_path.exists():
-            return judged
-        missing = [str(path) for path in paths if not path.exists()]
-        raise FileNotFoundError(f"{', '.join(missing)}: run `lethe bench --out {out}` (or --tuning) first")
+    if missing:
+        return judged
     rows, previous = (json.loads(path.read_text()) for path in paths)
     record = {key: previous[key] for key in RECORD_KEYS}
     _, criteria = write_report(out, rows, record, settings)

@@ -343,12 +343,15 @@ def choose(rows: list[dict], band: tuple[float, float]) -> dict:
     the choice (None if none fits)."""
     by = ("method", "learning_rate", *FRACTIONS)
     means = summarise(rows, by=by)
+    # every row of a seed is paired with that seed's one retrain: its NDCG@10 is a row's mean over users divided
+    # by the row's ratio to retrain on the same users (any row with a nonzero ratio gives it)
+    retrain = {row["seed"]: row["ndcg10_retain"] / row["ndcg10_vs_retrain"] for row in rows if row["ndcg10_vs_retrain"]}
     for entry in means:
         entry["in_band"] = forgot(entry, band)
         members = [row for row in rows if all(row[key] == entry[key] for key in by)]
-        # a row's ndcg10_vs_retrain is its mean over users divided by retrain's on the same users
-        retrain = sum(row["ndcg10_retain"] / row["ndcg10_vs_retrain"] for row in members)
-        entry["ndcg10_ratio_of_means"] = sum(row["ndcg10_retain"] for row in members) / retrain
+        entry["ndcg10_ratio_of_means"] = sum(row["ndcg10_retain"] for row in members) / sum(
+            retrain[row["seed"]] for row in members
+        )
     methods = {e["method"] for e in means}
     choice = {"learning_rate": None, **dict.fromkeys(FRACTIONS)}
     for rate in sorted({e["learning_rate"] for e in means}):

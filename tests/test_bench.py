@@ -120,7 +120,11 @@ def test_choose_takes_the_smallest_rate_that_forgets_then_cures_best_fraction():
     # the ratio of the means, not the mean of per-seed ratios: with retrains at 0.05 and 0.01, (0.3, 0.7)'s
     # ratios 0.6 and 1.3 average 0.95, above (0.5, 0.7)'s 0.87, but its NDCG is 0.717 of retrain's on the means
     pair = ("cure", 0.02, 0.3, 0.7)
-    skewed = [r for r in rows if (r["method"], r["learning_rate"], r["forget_fraction"], r["retain_fraction"]) != pair]
+    skewed = [
+        r if r["seed"] == 0 else {**r, "ndcg10_retain": r["ndcg10_vs_retrain"] * 0.01}  # seed 1's one retrain
+        for r in rows
+        if (r["method"], r["learning_rate"], r["forget_fraction"], r["retain_fraction"]) != pair
+    ]
     skewed += [
         _tuning_row("cure", 0.02, (0.3, 0.7), 0, 0.6, 0.52),
         _tuning_row("cure", 0.02, (0.3, 0.7), 1, 1.3, 0.52, retrain=0.01),
