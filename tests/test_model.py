@@ -1,4 +1,8 @@
 import json
+import os
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -36,6 +40,21 @@ def test_same_seed_same_model_other_seed_other_model(snapshot, settings):
     other = build_model(snapshot.n_tokens, settings.model, seed=2)
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values(), strict=True))
     assert not torch.equal(first.model.embed_tokens.weight, other.model.embed_tokens.weight)
+
+
+def _capability(env: dict) -> str:
+    """The kernels torch picks in a fresh process that imports the pipeline first, as every entry point does."""
+    code = "import pipeline, torch; print(torch.backends.cpu.get_cpu_capability())"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return done.stdout.strip()
+
+
+@pytest.mark.skipif(platform.machine().lower() not in {"x86_64", "amd64"}, reason="the kernel pin is x86's")
+def test_the_pipeline_pins_the_kernels_so_every_x86_processor_rounds_alike():
+    # AVX512 kernels train other weights from the same seed than AVX2 ones; the pipeline pins AVX2 unless told
+    env = {k: v for k, v in os.environ.items() if k not in {"ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA"}}
+    assert _capability(env) == "AVX2"
+    assert _capability({**env, "ATEN_CPU_CAPABILITY": "default"}) == "DEFAULT"
 
 
 def test_trained_model_beats_most_popular_and_round_trips(tmp_path, trained, snapshot, settings):
