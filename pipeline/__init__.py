@@ -10,7 +10,8 @@ import os
 import platform
 
 KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+X86 = platform.machine().lower() in {"x86_64", "amd64"}
 
-if platform.machine().lower() in {"x86_64", "amd64"}:
+if X86:
     for name, value in KERNELS.items():
         os.environ.setdefault(name, value)

@@ -1,6 +1,5 @@
 import json
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import KERNELS
+from pipeline import KERNELS, X86
 from pipeline.data import BOS_TOKEN, FIRST_ITEM_TOKEN, PAD_TOKEN
 from pipeline.evaluate import rank_users
 from pipeline.model import (
@@ -53,7 +52,7 @@ def _capability(env: dict) -> str:
 
 def _has_avx2() -> bool:
     cpuinfo = Path("/proc/cpuinfo")
-    return platform.machine().lower() in {"x86_64", "amd64"} and cpuinfo.exists() and " avx2" in cpuinfo.read_text()
+    return X86 and cpuinfo.exists() and " avx2" in cpuinfo.read_text()
 
 
 @pytest.mark.skipif(not _has_avx2(), reason="the kernel pin is for x86 processors with AVX2")
