@@ -15,6 +15,8 @@ import torch
 from components._common import context, entry_point, parser
 from components.train import ensure_base_model
 from pipeline.bench import (
+    CANDIDATE,
+    FRACTIONS,
     acceptance,
     acceptance_table,
     benchmark_setting,
@@ -74,12 +76,15 @@ def tuning(base, snapshot, settings, out: Path, provenance: dict) -> dict:
     """Every bench.tuning variant on the tuning seeds; the rule's choice in tuning.json and tuning.md."""
     started = time.perf_counter()
     with mlflow.start_run(run_name="benchmark-tuning") as parent:
-        total, done = len(settings.bench.tuning.seeds) * len(tuning_variants(settings)), itertools.count(1)
+        tuning = settings.bench.tuning
+        total = len(tuning.deletion_rates) * len(tuning.seeds) * len(tuning_variants(settings))
+        done = itertools.count(1)
 
         def report(row: dict) -> None:
             aucs = " / ".join(f"{row[f'mia_auc_{a}']:.3f}" for a in ("loss", "mink", "minkpp"))
             print(
-                f"tune [{next(done)}/{total}] seed {row['seed']} {row['method']} lr {row['learning_rate']} "
+                f"tune [{next(done)}/{total}] {row['deletion_rate']:.0%} seed {row['seed']} {row['method']} "
+                f"retain weight {row['retain_weight']} lr {row['learning_rate']} "
                 f"fractions {row['forget_fraction']}/{row['retain_fraction']}: "
                 f"NDCG vs retrain {row['ndcg10_vs_retrain']:.3f}, AUC {aucs}",
                 flush=True,
@@ -98,7 +103,13 @@ def tuning(base, snapshot, settings, out: Path, provenance: dict) -> dict:
 def write_tuning(out: Path, record: dict, settings) -> dict:
     """The tuning rule's decision on a record's rows, written with the record to tuning.json and tuning.md.
     Returns the record with the decision (the means it decided on and the choice)."""
-    record = {**record, **choose(record["rows"], settings.unlearn.target_auc_band)}
+    needed = ("deletion_rate", "method", *CANDIDATE, *FRACTIONS)
+    if lacking := sorted({key for row in record["rows"] for key in needed if key not in row}):
+        raise ValueError(
+            f"{out / 'tuning.json'}: its rows lack {', '.join(lacking)}, which the tuning rule compares (written by "
+            f"an older `lethe bench --tuning`); run it again to judge them"
+        )
+    record = {**record, **choose(record["rows"], settings.unlearn.target_auc_band, settings.bench.acceptance.rate)}
     (out / "tuning.json").write_text(json.dumps(record, indent=2))
     (out / "tuning.md").write_text(tuning_table(record, settings))
     return record
@@ -158,7 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
     mode.add_argument(
         "--tuning",
         action="store_true",
-        help="choose the learning rate and CURE's circuit fractions by bench.tuning's rule, on its seeds only",
+        help="choose the retain weight, the learning rate and CURE's circuit fractions by bench.tuning's rule, "
+        "on its seeds only",
     )
     mode.add_argument(
         "--judge",

@@ -299,71 +299,90 @@ def forgot(entry: dict, band: tuple[float, float]) -> bool:
 
 
 def tuning_variants(settings: Settings) -> list[tuple[dict, Settings]]:
-    """Every candidate of `bench.tuning`: each method at each learning rate, CURE also at each pair of
-    forget and retain fractions."""
+    """Every candidate of `bench.tuning`: each method at each retain weight and learning rate, CURE also at
+    each pair of forget and retain fractions."""
     tuning, variants = settings.bench.tuning, []
     cure_pairs = list(itertools.product(tuning.cure_forget_fractions, tuning.cure_retain_fractions))
-    for rate in tuning.learning_rates:
+    for weight, rate in itertools.product(tuning.retain_weights, tuning.learning_rates):
         for method in tuning.methods:
             for pair in cure_pairs if method == "cure" else [(None, None)]:
                 fractions = dict(zip(FRACTIONS, pair, strict=True))
-                update = {"unlearn": settings.unlearn.model_copy(update={"learning_rate": rate})}
+                unlearn = {"retain_weight": weight, "learning_rate": rate}
+                update = {"unlearn": settings.unlearn.model_copy(update=unlearn)}
                 if method == "cure":
                     update["circuits"] = settings.circuits.model_copy(update=fractions)
-                variant = {"method": method, "learning_rate": rate, **fractions}
-                variants.append((variant, settings.model_copy(update=update)))
+                variants.append(({"method": method, **unlearn, **fractions}, settings.model_copy(update=update)))
     return variants
 
 
 def tune(
     base: LlamaForCausalLM, snapshot: Snapshot, settings: Settings, report: Callable[[dict], None] = lambda row: None
 ) -> list[dict]:
-    """Rows for every tuning variant on every tuning seed (the quick_rate user setting), each against one
-    retrain of its seed's batch; `report` sees each row as it is done."""
-    setting, rows = Setting("user", settings.bench.quick_rate), []
-    for seed in settings.bench.tuning.seeds:
-        data = batch_data(snapshot, setting, seed)
-        seeded = settings.model_copy(update={"seed": seed})
-        reference = retrain_reference(base, data, seeded)
-        for variant, variant_settings in tuning_variants(seeded):
-            name = variant["method"]
-            model, wall, memory, result = run_method(name, base, data, variant_settings)
-            row = method_row(name, model, wall, memory, data, reference, settings, setting, seed)
-            rows.append({**row, **stopping(result), **variant})
-            report(rows[-1])
+    """Rows for every tuning variant on every tuning seed and user deletion rate, each against one retrain of
+    its batch; `report` sees each row as it is done."""
+    rows = []
+    for rate in settings.bench.tuning.deletion_rates:
+        setting = Setting("user", rate)
+        for seed in settings.bench.tuning.seeds:
+            data = batch_data(snapshot, setting, seed)
+            seeded = settings.model_copy(update={"seed": seed})
+            reference = retrain_reference(base, data, seeded)
+            for variant, variant_settings in tuning_variants(seeded):
+                name = variant["method"]
+                model, wall, memory, result = run_method(name, base, data, variant_settings)
+                row = method_row(name, model, wall, memory, data, reference, settings, setting, seed)
+                rows.append({**row, **stopping(result), **variant})
+                report(rows[-1])
     return rows
 
 
-def choose(rows: list[dict], band: tuple[float, float]) -> dict:
-    """The rule of `bench.tuning`, forgetting first: the smallest learning rate at which every method's mean
-    AUC (over the tuning seeds) lies inside the band on every attack, CURE counting as inside if one of its
-    (forget, retain) fraction pairs is; then, at that rate, CURE's pair with the highest ratio of its mean NDCG@10
-    to retrain's among those inside the band (the ratio of the means, as bench.acceptance judges utility: a mean
-    of per-seed ratios is inflated by a seed whose retrain came out low). Returns the means it decided on and
-    the choice (None if none fits)."""
-    by = ("method", "learning_rate", *FRACTIONS)
+CANDIDATE = ("retain_weight", "learning_rate")  # what the tuning rule chooses for every method alike
+
+
+def choose(rows: list[dict], band: tuple[float, float], utility_rate: float) -> dict:
+    """The rule of `bench.tuning`, forgetting first. A (retain weight, learning rate) candidate forgets if, at
+    every tuning deletion rate, every method's mean AUC (over the tuning seeds) lies inside the band on every
+    attack, CURE counting as inside if one of its (forget, retain) fraction pairs is. Of the CURE pairs that are
+    inside the band at `utility_rate` under a candidate that forgets, the rule takes the one with the highest
+    ratio of CURE's mean NDCG@10 to retrain's there, and with it its candidate (the ratio of the means, as
+    bench.acceptance judges utility: a mean of per-seed ratios is inflated by a seed whose retrain came out low);
+    on a tie, the smaller learning rate, then the larger weight. Returns the means it decided on and the choice
+    (None everywhere if nothing fits)."""
+    by = ("deletion_rate", "method", *CANDIDATE, *FRACTIONS)
     means = summarise(rows, by=by)
-    # every row of a seed is paired with that seed's one retrain: its NDCG@10 is a row's mean over users divided
+    # every row of a batch is paired with that batch's one retrain: its NDCG@10 is a row's mean over users divided
     # by the row's ratio to retrain on the same users (any row with a nonzero ratio gives it)
-    retrain = {row["seed"]: row["ndcg10_retain"] / row["ndcg10_vs_retrain"] for row in rows if row["ndcg10_vs_retrain"]}
+    retrain = {
+        (row["deletion_rate"], row["seed"]): row["ndcg10_retain"] / row["ndcg10_vs_retrain"]
+        for row in rows
+        if row["ndcg10_vs_retrain"]
+    }
     for entry in means:
         entry["in_band"] = forgot(entry, band)
         members = [row for row in rows if all(row[key] == entry[key] for key in by)]
         entry["ndcg10_ratio_of_means"] = sum(row["ndcg10_retain"] for row in members) / sum(
-            retrain[row["seed"]] for row in members
+            retrain[row["deletion_rate"], row["seed"]] for row in members
         )
-    methods = {e["method"] for e in means}
-    choice = {"learning_rate": None, **dict.fromkeys(FRACTIONS)}
-    for rate in sorted({e["learning_rate"] for e in means}):
-        at_rate = [e for e in means if e["learning_rate"] == rate]
-        if all(any(e["in_band"] for e in at_rate if e["method"] == m) for m in methods):
-            choice["learning_rate"] = rate
-            cure = [e for e in at_rate if e["method"] == "cure" and e["in_band"]]
-            if cure:
-                best = max(cure, key=lambda e: e["ndcg10_ratio_of_means"])
-                choice |= {key: best[key] for key in FRACTIONS}
-            break
+    methods, rates = {e["method"] for e in means}, {e["deletion_rate"] for e in means}
+
+    def forgets(candidate: tuple) -> bool:
+        inside = {(e["deletion_rate"], e["method"]) for e in means if e["in_band"] and _candidate(e) == candidate}
+        return all((rate, method) in inside for rate in rates for method in methods)
+
+    cure = [
+        e
+        for e in means
+        if e["method"] == "cure" and e["deletion_rate"] == utility_rate and e["in_band"] and forgets(_candidate(e))
+    ]
+    choice = dict.fromkeys((*CANDIDATE, *FRACTIONS))
+    if cure:
+        best = max(cure, key=lambda e: (e["ndcg10_ratio_of_means"], -e["learning_rate"], e["retain_weight"]))
+        choice = {key: best[key] for key in choice}
     return {"means": means, "choice": choice}
+
+
+def _candidate(entry: dict) -> tuple:
+    return tuple(entry[key] for key in CANDIDATE)
 
 
 def retrain_floor(
@@ -592,32 +611,36 @@ def acceptance_table(criteria: list[dict], rows: list[dict], rate: float) -> str
 
 def tuning_table(decision: dict, settings: Settings) -> str:
     """The means `choose` decided on, one line per variant, and what it chose."""
+    tuning = settings.bench.tuning
+    rates = ", ".join(f"{rate:.0%}" for rate in tuning.deletion_rates)
     lines = [
-        f"Tuning seeds {list(settings.bench.tuning.seeds)}, {settings.bench.quick_rate:.0%} user deletion; means over "
-        "seeds; the NDCG ratio and AUC differences are paired with a retrain of the same batch.",
+        f"Tuning seeds {list(tuning.seeds)}, user deletion at {rates}; means over seeds; the NDCG ratio and AUC "
+        "differences are paired with a retrain of the same batch.",
         "",
-        "| method | learning rate | forget / retain fraction | NDCG@10 / retrain's (means) "
+        "| deletion | method | retain weight | learning rate | forget / retain fraction | NDCG@10 / retrain's (means) "
         "| MIA AUC loss / Min-K / Min-K++ | in band | AUC minus retrain | JSD to retrain | steps | speed-up |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def order(e: dict) -> tuple:
-        return e["learning_rate"], e["method"], *(e[k] or 0 for k in FRACTIONS)
+        return e["deletion_rate"], e["retain_weight"], e["learning_rate"], e["method"], *(e[k] or 0 for k in FRACTIONS)
 
     for e in sorted(decision["means"], key=order):
         fractions = " / ".join(str(e[k]) for k in FRACTIONS) if e["method"] == "cure" else "—"
         aucs = " / ".join(f"{e[f'mia_auc_{a}']:.3f}" for a in ATTACKS)
         diffs = " / ".join(f"{e[f'mia_auc_{a}_minus_retrain']:+.3f}" for a in ATTACKS)
         lines.append(
-            f"| {e['method']} | {e['learning_rate']} | {fractions} | {e['ndcg10_ratio_of_means']:.3f} "
-            f"| {aucs} | {'yes' if e['in_band'] else 'no'} | {diffs} | {e['jsd_to_retrain']:.3f} "
-            f"| {e['steps']:.1f} | {e['speedup_vs_retrain']:.1f}× |"
+            f"| {e['deletion_rate']:.0%} | {e['method']} | {e['retain_weight']} | {e['learning_rate']} | {fractions} "
+            f"| {e['ndcg10_ratio_of_means']:.3f} | {aucs} | {'yes' if e['in_band'] else 'no'} | {diffs} "
+            f"| {e['jsd_to_retrain']:.3f} | {e['steps']:.1f} | {e['speedup_vs_retrain']:.1f}× |"
         )
     choice = decision["choice"]
     lines += [
         "",
-        f"Chosen by the rule of bench.tuning (params.yaml): learning rate {choice['learning_rate']}, "
-        f"CURE forget fraction {choice['forget_fraction']}, retain fraction {choice['retain_fraction']}.",
+        f"Chosen by the rule of bench.tuning (params.yaml), CURE's utility compared at "
+        f"{settings.bench.acceptance.rate:.0%}: retain weight {choice['retain_weight']}, learning rate "
+        f"{choice['learning_rate']}, CURE forget fraction {choice['forget_fraction']}, retain fraction "
+        f"{choice['retain_fraction']}.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -126,10 +126,18 @@ class TuningSettings(_Frozen):
     """Where the benchmark's hyperparameters are chosen (`lethe bench --tuning`): never on reported seeds."""
 
     seeds: tuple[int, ...] = Field(min_length=1)
-    methods: tuple[str, ...] = Field(min_length=1)  # whose mean AUC must reach the band at the chosen rate
+    deletion_rates: tuple[float, ...] = Field(min_length=1)  # user deletion rates at which every method must forget
+    methods: tuple[str, ...] = Field(min_length=1)  # whose mean AUC must reach the band at every rate
+    retain_weights: tuple[float, ...] = Field(min_length=1)  # candidates for bench.unlearn.retain_weight
     learning_rates: tuple[float, ...] = Field(min_length=1)  # candidates for bench.unlearn.learning_rate
     cure_forget_fractions: tuple[float, ...] = Field(min_length=1)  # candidates for circuits.forget_fraction
     cure_retain_fractions: tuple[float, ...] = Field(min_length=1)  # candidates for circuits.retain_fraction
+
+    @model_validator(mode="after")
+    def _cure_is_tuned(self) -> TuningSettings:
+        if "cure" not in self.methods:
+            raise ValueError(f"bench.tuning.methods {list(self.methods)} lack cure, whose utility the rule compares")
+        return self
 
 
 class AcceptanceSettings(_Frozen):
@@ -166,6 +174,15 @@ class BenchSettings(_Frozen):
             raise ValueError(f"bench.acceptance.extra_seeds {shared} are also bench.tuning.seeds; keep them apart")
         if repeated := sorted(seed for seed in set(extra) if seed in self.seeds or extra.count(seed) > 1):
             raise ValueError(f"bench.acceptance.extra_seeds {repeated} would run a batch twice; list each seed once")
+        return self
+
+    @model_validator(mode="after")
+    def _tuning_covers_the_judged_rate(self) -> BenchSettings:
+        if self.acceptance.rate not in self.tuning.deletion_rates:
+            raise ValueError(
+                f"bench.tuning.deletion_rates {list(self.tuning.deletion_rates)} lack bench.acceptance.rate "
+                f"{self.acceptance.rate}, where the tuning rule compares CURE's utility"
+            )
         return self
 
 

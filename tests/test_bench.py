@@ -87,56 +87,77 @@ def test_quick_benchmark_writes_rows_table_plot_and_runs(tmp_path, monkeypatch):
     assert len(children) == len(rows)
 
 
-def _tuning_row(method, rate, fractions, seed, ratio, auc, retrain=0.05):
-    forget_fraction, retain_fraction = fractions
+def _tuning_row(method, candidate, fractions, seed, ratio, auc, retrain=0.05, rate=0.05):
+    (weight, learning_rate), (forget_fraction, retain_fraction) = candidate, fractions
     return {
-        "method": method, "learning_rate": rate, "forget_fraction": forget_fraction,
-        "retain_fraction": retain_fraction, "seed": seed, "ndcg10_retain": ratio * retrain,
-        "ndcg10_vs_retrain": ratio, "jsd_to_retrain": 0.3, "speedup_vs_retrain": 5.0, "steps": 10,
+        "method": method, "deletion_rate": rate, "retain_weight": weight, "learning_rate": learning_rate,
+        "forget_fraction": forget_fraction, "retain_fraction": retain_fraction, "seed": seed,
+        "ndcg10_retain": ratio * retrain, "ndcg10_vs_retrain": ratio, "jsd_to_retrain": 0.3,
+        "speedup_vs_retrain": 5.0, "steps": 10,
         **{f"mia_auc_{a}": auc for a in ("loss", "mink", "minkpp")},
         **{f"mia_auc_{a}_minus_retrain": auc - 0.5 for a in ("loss", "mink", "minkpp")},
     }  # fmt: skip
 
 
-def test_choose_takes_the_smallest_rate_that_forgets_then_cures_best_fraction():
-    band = (0.45, 0.55)
+def test_choose_takes_the_candidate_that_forgets_at_every_rate_with_cures_best_utility():
+    band, none = (0.45, 0.55), (None, None)
     rows = []
     for seed, wobble in ((0, -0.02), (1, 0.02)):  # the rule reads means over seeds, not single seeds
+        for rate in (0.05, 0.10):
+            rows += [
+                _tuning_row("grad_diff", (30, 0.01), none, seed, 0.95, 0.60 + wobble, rate=rate),  # does not forget
+                _tuning_row("cure", (30, 0.01), (0.3, 0.5), seed, 0.99, 0.50, rate=rate),
+                _tuning_row("grad_diff", (30, 0.02), none, seed, 0.90, 0.54 + wobble, rate=rate),  # mean 0.54: inside
+                _tuning_row("cure", (30, 0.02), (0.3, 0.5), seed, 0.80, 0.50, rate=rate),
+                _tuning_row("cure", (30, 0.02), (0.3, 0.7), seed, 0.85, 0.52, rate=rate),
+                _tuning_row("cure", (30, 0.02), (0.5, 0.7), seed, 0.87, 0.52, rate=rate),  # a larger circuit
+                _tuning_row("cure", (30, 0.02), (0.3, 0.9), seed, 0.99, 0.58, rate=rate),  # does not forget
+                _tuning_row("grad_diff", (30, 0.03), none, seed, 0.70, 0.50, rate=rate),
+                _tuning_row("cure", (30, 0.03), (0.3, 0.7), seed, 0.80 if rate == 0.05 else 0.99, 0.50, rate=rate),
+            ]
+        # weight 15 keeps more of CURE's utility at 5%, but grad_diff does not forget a 10% batch there
         rows += [
-            _tuning_row("grad_diff", 0.01, (None, None), seed, 0.95, 0.60 + wobble),  # not forgotten: 0.01 is out
-            _tuning_row("cure", 0.01, (0.3, 0.5), seed, 0.99, 0.50),
-            _tuning_row("grad_diff", 0.02, (None, None), seed, 0.90, 0.54 + wobble),  # mean 0.54: inside
-            _tuning_row("cure", 0.02, (0.3, 0.5), seed, 0.80, 0.50),
-            _tuning_row("cure", 0.02, (0.3, 0.7), seed, 0.85, 0.52),
-            _tuning_row("cure", 0.02, (0.5, 0.7), seed, 0.87, 0.52),  # the same retain fraction, a larger circuit
-            _tuning_row("cure", 0.02, (0.3, 0.9), seed, 0.99, 0.58),  # best utility, but it does not forget
-            _tuning_row("grad_diff", 0.03, (None, None), seed, 0.70, 0.50),
-            _tuning_row("cure", 0.03, (0.3, 0.7), seed, 0.95, 0.50),
+            _tuning_row("grad_diff", (15, 0.02), none, seed, 0.95, 0.50, rate=0.05),
+            _tuning_row("cure", (15, 0.02), (0.3, 0.7), seed, 0.97, 0.50, rate=0.05),
+            _tuning_row("grad_diff", (15, 0.02), none, seed, 0.95, 0.57, rate=0.10),
+            _tuning_row("cure", (15, 0.02), (0.3, 0.7), seed, 0.97, 0.50, rate=0.10),
         ]
-    decision = choose(rows, band)
-    assert decision["choice"] == {"learning_rate": 0.02, "forget_fraction": 0.5, "retain_fraction": 0.7}
+    decision = choose(rows, band, 0.05)
+    assert decision["choice"] == {
+        "retain_weight": 30, "learning_rate": 0.02, "forget_fraction": 0.5, "retain_fraction": 0.7
+    }  # fmt: skip
     grad_diff = next(e for e in decision["means"] if e["method"] == "grad_diff" and e["learning_rate"] == 0.02)
     assert grad_diff["seeds"] == 2 and grad_diff["mia_auc_loss"] == pytest.approx(0.54) and grad_diff["in_band"]
+    # CURE's utility is compared at the given rate only: at 10% (30, 0.03) would win with 0.99
+    assert choose(rows, band, 0.10)["choice"] == {
+        "retain_weight": 30, "learning_rate": 0.03, "forget_fraction": 0.3, "retain_fraction": 0.7
+    }  # fmt: skip
+    # once grad_diff forgets the 10% batch at weight 15, that candidate's better utility wins
+    aucs = ("mia_auc_loss", "mia_auc_mink", "mia_auc_minkpp")
+    forgetting = [{**r, **dict.fromkeys(aucs, 0.5)} if r["retain_weight"] == 15 else r for r in rows]
+    assert choose(forgetting, band, 0.05)["choice"] == {
+        "retain_weight": 15, "learning_rate": 0.02, "forget_fraction": 0.3, "retain_fraction": 0.7
+    }  # fmt: skip
     # the ratio of the means, not the mean of per-seed ratios: with retrains at 0.05 and 0.01, (0.3, 0.7)'s
     # ratios 0.6 and 1.3 average 0.95, above (0.5, 0.7)'s 0.87, but its NDCG is 0.717 of retrain's on the means
-    pair = ("cure", 0.02, 0.3, 0.7)
+    pair = ("cure", 0.05, 30, 0.02, 0.3, 0.7)
+    keys = ("method", "deletion_rate", "retain_weight", "learning_rate", "forget_fraction", "retain_fraction")
     skewed = [
         r if r["seed"] == 0 else {**r, "ndcg10_retain": r["ndcg10_vs_retrain"] * 0.01}  # seed 1's one retrain
         for r in rows
-        if (r["method"], r["learning_rate"], r["forget_fraction"], r["retain_fraction"]) != pair
+        if tuple(r[k] for k in keys) != pair
     ]
     skewed += [
-        _tuning_row("cure", 0.02, (0.3, 0.7), 0, 0.6, 0.52),
-        _tuning_row("cure", 0.02, (0.3, 0.7), 1, 1.3, 0.52, retrain=0.01),
+        _tuning_row("cure", (30, 0.02), (0.3, 0.7), 0, 0.6, 0.52),
+        _tuning_row("cure", (30, 0.02), (0.3, 0.7), 1, 1.3, 0.52, retrain=0.01),
     ]
-    skewed_decision = choose(skewed, band)
-    means = {(e["method"], e["learning_rate"], e["forget_fraction"], e["retain_fraction"]): e
-             for e in skewed_decision["means"]}  # fmt: skip
+    skewed_decision = choose(skewed, band, 0.05)
+    means = {tuple(e[k] for k in keys): e for e in skewed_decision["means"]}
     assert means[pair]["ndcg10_vs_retrain"] == pytest.approx(0.95)
     assert means[pair]["ndcg10_ratio_of_means"] == pytest.approx(0.043 / 0.06)
     assert skewed_decision["choice"] == decision["choice"]
     never = [r for r in rows if not (r["method"] == "grad_diff" and r["learning_rate"] > 0.01)]
-    assert choose(never, band)["choice"] == {"learning_rate": None, "forget_fraction": None, "retain_fraction": None}
+    assert choose(never, band, 0.05)["choice"] == dict.fromkeys(decision["choice"])
 
 
 def test_acceptance_judges_cure_on_means_and_says_when_an_interval_straddles_the_threshold():
@@ -235,7 +256,9 @@ def test_tuning_runs_every_variant_on_the_tuning_seeds_only(tmp_path, monkeypatc
             "bench.tuning.seeds": [7],
             "bench.acceptance.extra_seeds": [],  # 7 is one of params.yaml's; tuning seeds are kept apart from them
             "bench.tuning.methods": ["grad_diff", "cure"],
-            "bench.tuning.learning_rates": [0.005, 0.05],
+            "bench.tuning.deletion_rates": [0.05, 0.10],
+            "bench.tuning.retain_weights": [3.0, 30.0],
+            "bench.tuning.learning_rates": [0.05],
             "bench.tuning.cure_forget_fractions": [0.5],
             "bench.tuning.cure_retain_fractions": [0.3, 0.7],
             "unlearn.max_steps": 10,
@@ -248,26 +271,31 @@ def test_tuning_runs_every_variant_on_the_tuning_seeds_only(tmp_path, monkeypatc
     record = json.loads((out / "tuning.json").read_text())
     rows = record["rows"]
     assert {row["seed"] for row in rows} == {7}
-    variants = {(row["method"], row["learning_rate"], row["retain_fraction"]) for row in rows}
-    assert variants == {
-        (m, r, f) for r in (0.005, 0.05) for m, f in (("grad_diff", None), ("cure", 0.3), ("cure", 0.7))
+
+    def variant(row: dict) -> tuple:
+        return row["deletion_rate"], row["method"], row["retain_weight"], row["learning_rate"], row["retain_fraction"]
+
+    assert {variant(row) for row in rows} == {
+        (rate, m, w, 0.05, f)
+        for rate in (0.05, 0.10)
+        for w in (3.0, 30.0)
+        for m, f in (("grad_diff", None), ("cure", 0.3), ("cure", 0.7))
     }
     assert {row["forget_fraction"] for row in rows if row["method"] == "cure"} == {0.5}
-    assert len(rows) == len(variants)
+    forgotten = {row["deletion_rate"]: row["forgotten_users"] for row in rows}  # one batch per rate
+    assert len(rows) == 12 and forgotten[0.10] > forgotten[0.05]
 
-    # each variant really ran with its own settings: the same method at another rate or fraction lands elsewhere
-    def figures(method, rate, fraction):
-        row = next(
-            r for r in rows if (r["method"], r["learning_rate"], r["retain_fraction"]) == (method, rate, fraction)
-        )
+    # each variant really ran with its own settings: the same method at another weight or fraction lands elsewhere
+    def figures(method, weight, fraction, rate=0.05):
+        row = next(r for r in rows if variant(r) == (rate, method, weight, 0.05, fraction))
         return row["mia_auc_loss"], row["ndcg10_retain"], row["jsd_to_retrain"]
 
-    assert figures("grad_diff", 0.005, None) != figures("grad_diff", 0.05, None)
-    assert figures("cure", 0.05, 0.3) != figures("cure", 0.05, 0.7)
-    assert record["choice"] == choose(rows, (0.45, 0.55))["choice"] == result["choice"]
+    assert figures("grad_diff", 3.0, None) != figures("grad_diff", 30.0, None)
+    assert figures("cure", 30.0, 0.3) != figures("cure", 30.0, 0.7)
+    assert record["choice"] == choose(rows, (0.45, 0.55), 0.05)["choice"] == result["choice"]
     assert record["base_model"]["weights_sha256"]
     table = (out / "tuning.md").read_text()
-    assert table.count("| cure |") == 4 and f"learning rate {result['choice']['learning_rate']}" in table
+    assert table.count("| cure |") == 8 and f"learning rate {result['choice']['learning_rate']}" in table
 
     # judging again under a band no row lies in (all three AUCs within 1e-5 of 0.5) re-decides from the same rows
     none = write_params(tmp_path / "none.yaml", **{"unlearn.target_auc_band": [0.49999, 0.50001]})
@@ -275,3 +303,12 @@ def test_tuning_runs_every_variant_on_the_tuning_seeds_only(tmp_path, monkeypatc
     rejudged = json.loads((out / "tuning.json").read_text())
     assert judged["tuning_choice"] == rejudged["choice"] == dict.fromkeys(rejudged["choice"])
     assert rejudged["rows"] == rows and "learning rate None" in (out / "tuning.md").read_text()
+
+    # rows from before the rule chose the retain weight cannot be judged by it: a clear error, the file kept
+    older = tmp_path / "older"
+    older.mkdir()
+    stale = json.dumps({**rejudged, "rows": [{k: v for k, v in r.items() if k != "retain_weight"} for r in rows]})
+    (older / "tuning.json").write_text(stale)
+    with pytest.raises(ValueError, match=r"lack retain_weight, .* run it again"):
+        bench.main(["--params", str(params), "--home", str(home), "--judge", "--out", str(older)])
+    assert (older / "tuning.json").read_text() == stale

@@ -30,6 +30,8 @@ def test_settings_are_frozen(settings: Settings):
         (lambda p: p["bench"]["acceptance"].update(extra_seeds=[p["bench"]["tuning"]["seeds"][0]]), "also bench.tun"),
         (lambda p: p["bench"]["acceptance"].update(extra_seeds=[p["bench"]["seeds"][0], 99]), "batch twice"),
         (lambda p: p["bench"]["acceptance"].update(extra_seeds=[99, 99]), r"\[99\] would run a batch twice"),
+        (lambda p: p["bench"]["tuning"].update(deletion_rates=[0.1]), "lack bench.acceptance.rate 0.05"),
+        (lambda p: p["bench"]["tuning"].update(methods=["grad_diff"]), "lack cure"),
     ],
 )
 def test_invalid_params_name_the_key(tmp_path: Path, mutate, message):
