@@ -15,8 +15,7 @@ import torch
 from components._common import context, entry_point, parser
 from components.train import ensure_base_model
 from pipeline.bench import (
-    CANDIDATE,
-    FRACTIONS,
+    TUNING_KEYS,
     acceptance,
     acceptance_table,
     benchmark_setting,
@@ -103,8 +102,7 @@ def tuning(base, snapshot, settings, out: Path, provenance: dict) -> dict:
 def write_tuning(out: Path, record: dict, settings) -> dict:
     """The tuning rule's decision on a record's rows, written with the record to tuning.json and tuning.md.
     Returns the record with the decision (the means it decided on and the choice)."""
-    needed = ("deletion_rate", "method", *CANDIDATE, *FRACTIONS)
-    if lacking := sorted({key for row in record["rows"] for key in needed if key not in row}):
+    if lacking := sorted({key for row in record["rows"] for key in TUNING_KEYS if key not in row}):
         raise ValueError(
             f"{out / 'tuning.json'}: its rows lack {', '.join(lacking)}, which the tuning rule compares (written by "
             f"an older `lethe bench --tuning`); run it again to judge them"

@@ -337,6 +337,7 @@ def tune(
 
 
 CANDIDATE = ("retain_weight", "learning_rate")  # what the tuning rule chooses for every method alike
+TUNING_KEYS = ("deletion_rate", "method", *CANDIDATE, *FRACTIONS)  # what a tuning row's variant is, and the rule reads
 
 
 def choose(rows: list[dict], band: tuple[float, float], utility_rate: float) -> dict:
@@ -348,7 +349,7 @@ def choose(rows: list[dict], band: tuple[float, float], utility_rate: float) -> 
     bench.acceptance judges utility: a mean of per-seed ratios is inflated by a seed whose retrain came out low);
     on a tie, the smaller learning rate, then the larger weight. Returns the means it decided on and the choice
     (None everywhere if nothing fits)."""
-    by = ("deletion_rate", "method", *CANDIDATE, *FRACTIONS)
+    by = TUNING_KEYS
     means = summarise(rows, by=by)
     # every row of a batch is paired with that batch's one retrain: its NDCG@10 is a row's mean over users divided
     # by the row's ratio to retrain on the same users (any row with a nonzero ratio gives it)
@@ -364,15 +365,16 @@ def choose(rows: list[dict], band: tuple[float, float], utility_rate: float) -> 
             retrain[row["deletion_rate"], row["seed"]] for row in members
         )
     methods, rates = {e["method"] for e in means}, {e["deletion_rate"] for e in means}
-
-    def forgets(candidate: tuple) -> bool:
-        inside = {(e["deletion_rate"], e["method"]) for e in means if e["in_band"] and _candidate(e) == candidate}
-        return all((rate, method) in inside for rate in rates for method in methods)
-
+    inside = {(_candidate(e), e["deletion_rate"], e["method"]) for e in means if e["in_band"]}
+    forgetting = {
+        candidate
+        for candidate in {_candidate(e) for e in means}
+        if all((candidate, rate, method) in inside for rate in rates for method in methods)
+    }
     cure = [
         e
         for e in means
-        if e["method"] == "cure" and e["deletion_rate"] == utility_rate and e["in_band"] and forgets(_candidate(e))
+        if e["method"] == "cure" and e["deletion_rate"] == utility_rate and e["in_band"] and _candidate(e) in forgetting
     ]
     choice = dict.fromkeys((*CANDIDATE, *FRACTIONS))
     if cure:
