@@ -89,9 +89,12 @@ def tuning(base, snapshot, settings, out: Path, provenance: dict) -> dict:
                 flush=True,
             )
 
-        rows = tune(base, snapshot, settings, report)
+        rows, faithful = tune(base, snapshot, settings, report)
         out.mkdir(parents=True, exist_ok=True)
-        measured = {"rows": rows, "base_model": provenance, "wall_s_total": time.perf_counter() - started}
+        measured = {
+            "rows": rows, "faithfulness": faithful, "base_model": provenance,
+            "wall_s_total": time.perf_counter() - started,
+        }  # fmt: skip
         record = write_tuning(out, measured, settings)
         mlflow.log_artifact(str(out / "tuning.json"))
         mlflow.log_artifact(str(out / "tuning.md"))
@@ -102,12 +105,15 @@ def tuning(base, snapshot, settings, out: Path, provenance: dict) -> dict:
 def write_tuning(out: Path, record: dict, settings) -> dict:
     """The tuning rule's decision on a record's rows, written with the record to tuning.json and tuning.md.
     Returns the record with the decision (the means it decided on and the choice)."""
-    if lacking := sorted({key for row in record["rows"] for key in TUNING_KEYS if key not in row}):
+    lacking = sorted({key for row in record["rows"] for key in TUNING_KEYS if key not in row})
+    lacking += [] if "faithfulness" in record else ["the circuits' faithfulness"]
+    if lacking:
         raise ValueError(
-            f"{out / 'tuning.json'}: its rows lack {', '.join(lacking)}, which the tuning rule compares (written by "
-            f"an older `lethe bench --tuning`); run it again to judge them"
+            f"{out / 'tuning.json'}: it lacks {', '.join(lacking)}, which the tuning rule compares (written by "
+            f"an older `lethe bench --tuning`); run it again to judge it"
         )
-    record = {**record, **choose(record["rows"], settings.unlearn.target_auc_band, settings.bench.acceptance.rate)}
+    band, rate = settings.unlearn.target_auc_band, settings.bench.acceptance.rate
+    record = {**record, **choose(record["rows"], record["faithfulness"], band, rate)}
     (out / "tuning.json").write_text(json.dumps(record, indent=2))
     (out / "tuning.md").write_text(tuning_table(record, settings))
     return record

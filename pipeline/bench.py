@@ -35,7 +35,7 @@ from pipeline.evaluate import (
     rank_users,
     utility_metrics,
 )
-from pipeline.model import make_windows, scored_logits
+from pipeline.model import Windows, make_windows, scored_logits
 from pipeline.requests import DeletionRequest
 from pipeline.settings import BenchSettings, Settings
 from pipeline.splits import UnlearningData, build_split, unlearning_data
@@ -317,15 +317,17 @@ def tuning_variants(settings: Settings) -> list[tuple[dict, Settings]]:
 
 def tune(
     base: LlamaForCausalLM, snapshot: Snapshot, settings: Settings, report: Callable[[dict], None] = lambda row: None
-) -> list[dict]:
+) -> tuple[list[dict], list[dict]]:
     """Rows for every tuning variant on every tuning seed and user deletion rate, each against one retrain of
-    its batch; `report` sees each row as it is done."""
-    rows = []
+    its batch, and the faithfulness of CURE's circuits at each of its fraction pairs on each batch; `report`
+    sees each row as it is done."""
+    rows, faithful = [], []
     for rate in settings.bench.tuning.deletion_rates:
         setting = Setting("user", rate)
         for seed in settings.bench.tuning.seeds:
             data = batch_data(snapshot, setting, seed)
             seeded = settings.model_copy(update={"seed": seed})
+            faithful += [{"deletion_rate": rate, **entry} for entry in pair_faithfulness(base, data, settings, seed)]
             reference = retrain_reference(base, data, seeded)
             for variant, variant_settings in tuning_variants(seeded):
                 name = variant["method"]
@@ -333,22 +335,51 @@ def tune(
                 row = method_row(name, model, wall, memory, data, reference, settings, setting, seed)
                 rows.append({**row, **stopping(result), **variant})
                 report(rows[-1])
-    return rows
+    return rows, faithful
+
+
+def pair_faithfulness(base: LlamaForCausalLM, data: UnlearningData, settings: Settings, seed: int) -> list[dict]:
+    """The circuits CURE's runs extract on this batch (same windows, same seed), partitioned at every fraction
+    pair of bench.tuning and mean-ablated (`circuit_faithfulness`): one extraction serves every pair."""
+    tuning = settings.bench.tuning
+    circuits = circuits_for(base, *_windows(data, settings), settings.circuits, seed)
+    return [
+        {
+            **dict(zip(FRACTIONS, pair, strict=True)),
+            **circuit_faithfulness(base, data, circuits.with_fractions(*pair), settings, seed),
+        }
+        for pair in itertools.product(tuning.cure_forget_fractions, tuning.cure_retain_fractions)
+    ]
 
 
 CANDIDATE = ("retain_weight", "learning_rate")  # what the tuning rule chooses for every method alike
 TUNING_KEYS = ("deletion_rate", "method", *CANDIDATE, *FRACTIONS)  # what a tuning row's variant is, and the rule reads
 
 
-def choose(rows: list[dict], band: tuple[float, float], utility_rate: float) -> dict:
+def faithful_pairs(faithful: list[dict]) -> dict[tuple, bool]:
+    """Per CURE (forget, retain) fraction pair: whether its circuits met both of the issue's conditions on every
+    batch measured (every tuning seed and rate): mean-ablating the forget circuit raises the forget loss more
+    than random unit sets of its size do, and the retain loss less than ablating the retain circuit does.
+    Faithfulness is a property each extracted circuit must have, not an average: a mean over seeds would pass
+    circuits that are unfaithful on some batches."""
+    verdicts: dict[tuple, bool] = {}
+    for entry in faithful:
+        pair = tuple(entry[key] for key in FRACTIONS)
+        holds = entry["ratio_forget_vs_random"] > 1 and entry["ratio_retain_forget_vs_retain_circuit"] < 1
+        verdicts[pair] = verdicts.get(pair, True) and holds
+    return verdicts
+
+
+def choose(rows: list[dict], faithful: list[dict], band: tuple[float, float], utility_rate: float) -> dict:
     """The rule of `bench.tuning`, forgetting first. A (retain weight, learning rate) candidate forgets if, at
     every tuning deletion rate, every method's mean AUC (over the tuning seeds) lies inside the band on every
-    attack, CURE counting as inside if one of its (forget, retain) fraction pairs is. Of the CURE pairs that are
-    inside the band at `utility_rate` under a candidate that forgets, the rule takes the one with the highest
-    ratio of CURE's mean NDCG@10 to retrain's there, and with it its candidate (the ratio of the means, as
-    bench.acceptance judges utility: a mean of per-seed ratios is inflated by a seed whose retrain came out low);
-    on a tie, the smaller learning rate, then the larger weight. Returns the means it decided on and the choice
-    (None everywhere if nothing fits)."""
+    attack, CURE counting as inside if one of its (forget, retain) fraction pairs is. CURE's pairs must also
+    give faithful circuits on every batch (`faithful_pairs`; a pair never measured is not). Of the faithful CURE
+    pairs that are inside the band at `utility_rate` under a candidate that forgets, the rule takes the one with
+    the highest ratio of CURE's mean NDCG@10 to retrain's there, and with it its candidate (the ratio of the
+    means, as bench.acceptance judges utility: a mean of per-seed ratios is inflated by a seed whose retrain came
+    out low); on a tie, the smaller learning rate, then the larger weight. Returns the means it decided on, the
+    faithfulness verdict per pair and the choice (None everywhere if nothing fits)."""
     by = TUNING_KEYS
     means = summarise(rows, by=by)
     # every row of a batch is paired with that batch's one retrain: its NDCG@10 is a row's mean over users divided
@@ -371,16 +402,22 @@ def choose(rows: list[dict], band: tuple[float, float], utility_rate: float) -> 
         for candidate in {_candidate(e) for e in means}
         if all((candidate, rate, method) in inside for rate in rates for method in methods)
     }
+    verdicts = faithful_pairs(faithful)
     cure = [
         e
         for e in means
-        if e["method"] == "cure" and e["deletion_rate"] == utility_rate and e["in_band"] and _candidate(e) in forgetting
+        if e["method"] == "cure"
+        and e["deletion_rate"] == utility_rate
+        and e["in_band"]
+        and _candidate(e) in forgetting
+        and verdicts.get(tuple(e[key] for key in FRACTIONS), False)
     ]
     choice = dict.fromkeys((*CANDIDATE, *FRACTIONS))
     if cure:
         best = max(cure, key=lambda e: (e["ndcg10_ratio_of_means"], -e["learning_rate"], e["retain_weight"]))
         choice = {key: best[key] for key in choice}
-    return {"means": means, "choice": choice}
+    faithfulness = [{**dict(zip(FRACTIONS, pair, strict=True)), "faithful": holds} for pair, holds in verdicts.items()]
+    return {"means": means, "faithful_pairs": faithfulness, "choice": choice}
 
 
 def _candidate(entry: dict) -> tuple:
@@ -408,10 +445,17 @@ def circuit_faithfulness(
     """Mean-ablate the circuits CURE used, on the model they were extracted from: the forget circuit against
     random unit sets of its size (forget loss), and against the retain circuit (retain loss); the same again
     for their specific parts alone (`circuits.faithfulness`)."""
-    max_len, config = settings.model.max_len, settings.circuits
+    forget, retain = _windows(data, settings)
+    sample = retain_sample(retain, settings.circuits, seed)
+    return {"seed": seed, **faithfulness(base, circuits, forget, sample, settings.circuits.batch_size, seed)}
+
+
+def _windows(data: UnlearningData, settings: Settings) -> tuple[Windows, Windows]:
+    """A batch's forget windows (only the positions being forgotten scored) and retain windows, as CURE reads
+    them for its circuits."""
+    max_len = settings.model.max_len
     forget = make_windows(data.forget_sequences, max_len, data.forget_scored)
-    sample = retain_sample(make_windows(data.retain_sequences, max_len), config, seed)
-    return {"seed": seed, **faithfulness(base, circuits, forget, sample, config.batch_size, seed)}
+    return forget, make_windows(data.retain_sequences, max_len)
 
 
 def circuit_stability(base: LlamaForCausalLM, snapshot: Snapshot, settings: Settings, seeds: list[int]) -> dict:
@@ -420,11 +464,8 @@ def circuit_stability(base: LlamaForCausalLM, snapshot: Snapshot, settings: Sett
     setting = Setting("user", 0.05)
 
     def forget_specific(batch_seed: int, sample_seed: int) -> set:
-        data = unlearning_data(snapshot, build_split(snapshot, deletion_requests(snapshot, setting, batch_seed)))
-        forget = make_windows(data.forget_sequences, settings.model.max_len, data.forget_scored)
-        retain = make_windows(data.retain_sequences, settings.model.max_len)
-        circuits = circuits_for(base, forget, retain, config, sample_seed)
-        return circuits.units("forget_specific")
+        data = batch_data(snapshot, setting, batch_seed)
+        return circuits_for(base, *_windows(data, settings), config, sample_seed).units("forget_specific")
 
     same_batch = [forget_specific(seeds[0], s) for s in seeds]
     across_seeds = [jaccard(a, b) for i, a in enumerate(same_batch) for b in same_batch[i + 1 :]]
@@ -636,6 +677,29 @@ def tuning_table(decision: dict, settings: Settings) -> str:
             f"| {e['ndcg10_ratio_of_means']:.3f} | {aucs} | {'yes' if e['in_band'] else 'no'} | {diffs} "
             f"| {e['jsd_to_retrain']:.3f} | {e['steps']:.1f} | {e['speedup_vs_retrain']:.1f}× |"
         )
+    seeds = " / ".join(str(seed) for seed in tuning.seeds)
+    lines += [
+        "",
+        "CURE's circuits at each fraction pair, mean-ablated on the model they were extracted from: the forget "
+        "circuit's rise of the forget loss as a multiple of random unit sets' of its size (faithful above 1), and its "
+        "rise of the retain loss as a multiple of the retain circuit's (faithful below 1); the rule takes only pairs "
+        "faithful on every batch.",
+        "",
+        f"| forget / retain fraction | deletion | forget loss vs random (seeds {seeds}) "
+        f"| retain loss vs retain circuit (seeds {seeds}) | faithful on every batch |",
+        "|---|---|---|---|---|",
+    ]
+    verdicts = {tuple(e[k] for k in FRACTIONS): e["faithful"] for e in decision["faithful_pairs"]}
+    by_batch = {(*(e[k] for k in FRACTIONS), e["deletion_rate"], e["seed"]): e for e in decision["faithfulness"]}
+    for pair in sorted(verdicts):
+        for rate in tuning.deletion_rates:
+            batches = [by_batch.get((*pair, rate, seed)) for seed in tuning.seeds]
+            forget, retain = (
+                " / ".join(f"{b[key]:.2f}" if b else "—" for b in batches)
+                for key in ("ratio_forget_vs_random", "ratio_retain_forget_vs_retain_circuit")
+            )
+            verdict = "yes" if verdicts[pair] else "no"
+            lines.append(f"| {pair[0]} / {pair[1]} | {rate:.0%} | {forget} | {retain} | {verdict} |")
     choice = decision["choice"]
     lines += [
         "",

@@ -134,6 +134,22 @@ class Circuits:
     groups: dict[str, dict[str, torch.Tensor]]  # group -> site -> boolean mask over units
     meta: dict
 
+    def with_fractions(self, forget_fraction: float, retain_fraction: float) -> Circuits:
+        """The partition of these scores at other top fractions: one extraction serves every pair."""
+        top_forget, top_retain = (
+            top_units(self.forget_scores, forget_fraction),
+            top_units(self.retain_scores, retain_fraction),
+        )
+        groups = {group: {} for group in GROUPS}
+        for site in self.forget_scores:
+            f, r = top_forget[site], top_retain[site]
+            groups["forget_specific"][site] = f & ~r
+            groups["retain_specific"][site] = r & ~f
+            groups["shared"][site] = f & r
+            groups["inert"][site] = ~f & ~r
+        meta = {**self.meta, "forget_fraction": forget_fraction, "retain_fraction": retain_fraction}
+        return Circuits(self.forget_scores, self.retain_scores, groups, meta)
+
     def group_sizes(self) -> dict[str, int]:
         return {group: int(sum(mask.sum() for mask in masks.values())) for group, masks in self.groups.items()}
 
@@ -175,24 +191,14 @@ def extract_circuits(
 ) -> Circuits:
     forget_scores = attribution_scores(model, forget, batch_size, items)
     retain_scores = attribution_scores(model, retain, batch_size, items)
-    top_forget, top_retain = top_units(forget_scores, forget_fraction), top_units(retain_scores, retain_fraction)
-    groups = {group: {} for group in GROUPS}
-    for site in forget_scores:
-        f, r = top_forget[site], top_retain[site]
-        groups["forget_specific"][site] = f & ~r
-        groups["retain_specific"][site] = r & ~f
-        groups["shared"][site] = f & r
-        groups["inert"][site] = ~f & ~r
     info = {
         "extracted_at": datetime.now(UTC).isoformat(),
-        "forget_fraction": forget_fraction,
-        "retain_fraction": retain_fraction,
         "item_units": items,
         "forget_positions": int((forget.labels != IGNORE).sum()),
         "retain_positions": int((retain.labels != IGNORE).sum()),
         **(meta or {}),
     }
-    return Circuits(forget_scores, retain_scores, groups, info)
+    return Circuits(forget_scores, retain_scores, {}, info).with_fractions(forget_fraction, retain_fraction)
 
 
 def retain_sample(retain: Windows, settings: CircuitSettings, seed: int) -> Windows:

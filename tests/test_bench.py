@@ -99,6 +99,27 @@ def _tuning_row(method, candidate, fractions, seed, ratio, auc, retrain=0.05, ra
     }  # fmt: skip
 
 
+def _faithfulness(pairs, seeds=(0, 1), rates=(0.05, 0.10), unfaithful=()) -> list[dict]:
+    """Faithfulness entries that hold for every pair on every batch, except the (pair, rate, seed) in
+    `unfaithful`, whose forget circuit raises the forget loss less than random sets do."""
+    return [
+        {
+            "forget_fraction": pair[0],
+            "retain_fraction": pair[1],
+            "deletion_rate": rate,
+            "seed": seed,
+            "ratio_forget_vs_random": 0.9 if (pair, rate, seed) in unfaithful else 1.5,
+            "ratio_retain_forget_vs_retain_circuit": 0.8,
+        }  # fmt: skip
+        for pair in pairs
+        for rate in rates
+        for seed in seeds
+    ]
+
+
+PAIRS = ((0.3, 0.5), (0.3, 0.7), (0.5, 0.7), (0.3, 0.9))
+
+
 def test_choose_takes_the_candidate_that_forgets_at_every_rate_with_cures_best_utility():
     band, none = (0.45, 0.55), (None, None)
     rows = []
@@ -122,20 +143,21 @@ def test_choose_takes_the_candidate_that_forgets_at_every_rate_with_cures_best_u
             _tuning_row("grad_diff", (15, 0.02), none, seed, 0.95, 0.57, rate=0.10),
             _tuning_row("cure", (15, 0.02), (0.3, 0.7), seed, 0.97, 0.50, rate=0.10),
         ]
-    decision = choose(rows, band, 0.05)
+    faithful = _faithfulness(PAIRS)
+    decision = choose(rows, faithful, band, 0.05)
     assert decision["choice"] == {
         "retain_weight": 30, "learning_rate": 0.02, "forget_fraction": 0.5, "retain_fraction": 0.7
     }  # fmt: skip
     grad_diff = next(e for e in decision["means"] if e["method"] == "grad_diff" and e["learning_rate"] == 0.02)
     assert grad_diff["seeds"] == 2 and grad_diff["mia_auc_loss"] == pytest.approx(0.54) and grad_diff["in_band"]
     # CURE's utility is compared at the given rate only: at 10% (30, 0.03) would win with 0.99
-    assert choose(rows, band, 0.10)["choice"] == {
+    assert choose(rows, faithful, band, 0.10)["choice"] == {
         "retain_weight": 30, "learning_rate": 0.03, "forget_fraction": 0.3, "retain_fraction": 0.7
     }  # fmt: skip
     # once grad_diff forgets the 10% batch at weight 15, that candidate's better utility wins
     aucs = ("mia_auc_loss", "mia_auc_mink", "mia_auc_minkpp")
     forgetting = [{**r, **dict.fromkeys(aucs, 0.5)} if r["retain_weight"] == 15 else r for r in rows]
-    assert choose(forgetting, band, 0.05)["choice"] == {
+    assert choose(forgetting, faithful, band, 0.05)["choice"] == {
         "retain_weight": 15, "learning_rate": 0.02, "forget_fraction": 0.3, "retain_fraction": 0.7
     }  # fmt: skip
     # the ratio of the means, not the mean of per-seed ratios: with retrains at 0.05 and 0.01, (0.3, 0.7)'s
@@ -151,13 +173,39 @@ def test_choose_takes_the_candidate_that_forgets_at_every_rate_with_cures_best_u
         _tuning_row("cure", (30, 0.02), (0.3, 0.7), 0, 0.6, 0.52),
         _tuning_row("cure", (30, 0.02), (0.3, 0.7), 1, 1.3, 0.52, retrain=0.01),
     ]
-    skewed_decision = choose(skewed, band, 0.05)
+    skewed_decision = choose(skewed, faithful, band, 0.05)
     means = {tuple(e[k] for k in keys): e for e in skewed_decision["means"]}
     assert means[pair]["ndcg10_vs_retrain"] == pytest.approx(0.95)
     assert means[pair]["ndcg10_ratio_of_means"] == pytest.approx(0.043 / 0.06)
     assert skewed_decision["choice"] == decision["choice"]
     never = [r for r in rows if not (r["method"] == "grad_diff" and r["learning_rate"] > 0.01)]
-    assert choose(never, band, 0.05)["choice"] == dict.fromkeys(decision["choice"])
+    assert choose(never, faithful, band, 0.05)["choice"] == dict.fromkeys(decision["choice"])
+
+
+def test_choose_takes_only_cure_pairs_whose_circuits_are_faithful_on_every_batch():
+    band, none = (0.45, 0.55), (None, None)
+    rows = [
+        row
+        for seed in (0, 1)
+        for rate in (0.05, 0.10)
+        for row in (
+            _tuning_row("grad_diff", (30, 0.02), none, seed, 0.90, 0.50, rate=rate),
+            _tuning_row("cure", (30, 0.02), (0.3, 0.7), seed, 0.85, 0.52, rate=rate),
+            _tuning_row("cure", (30, 0.02), (0.5, 0.7), seed, 0.87, 0.52, rate=rate),
+        )
+    ]
+    pairs = ((0.3, 0.7), (0.5, 0.7))
+    assert choose(rows, _faithfulness(pairs), band, 0.05)["choice"]["forget_fraction"] == 0.5
+    # the better pair's circuits fail on one batch of four, at the other rate: a mean over batches would keep it
+    decision = choose(rows, _faithfulness(pairs, unfaithful={((0.5, 0.7), 0.10, 1)}), band, 0.05)
+    assert decision["choice"] == {
+        "retain_weight": 30, "learning_rate": 0.02, "forget_fraction": 0.3, "retain_fraction": 0.7
+    }  # fmt: skip
+    verdicts = {(e["forget_fraction"], e["retain_fraction"]): e["faithful"] for e in decision["faithful_pairs"]}
+    assert verdicts == {(0.3, 0.7): True, (0.5, 0.7): False}
+    # a pair whose circuits were never measured is not taken; with none measured nothing is
+    assert choose(rows, _faithfulness([(0.3, 0.7)]), band, 0.05)["choice"]["forget_fraction"] == 0.3
+    assert choose(rows, [], band, 0.05)["choice"] == dict.fromkeys(decision["choice"])
 
 
 def test_acceptance_judges_cure_on_means_and_says_when_an_interval_straddles_the_threshold():
@@ -289,7 +337,16 @@ def test_tuning_runs_every_variant_on_the_tuning_seeds_only(tmp_path, monkeypatc
 
     assert figures("cure", 3.0, 0.3) != figures("cure", 30.0, 0.3)
     assert figures("cure", 30.0, 0.3) != figures("cure", 30.0, 0.7)
-    assert record["choice"] == choose(rows, (0.45, 0.55), 0.05)["choice"] == result["choice"]
+    # the circuits' faithfulness, once per batch and fraction pair, from one extraction per batch
+    faithful = record["faithfulness"]
+    assert {(e["deletion_rate"], e["retain_fraction"]) for e in faithful} == {
+        (r, f) for r in (0.05, 0.10) for f in (0.3, 0.7)
+    }
+    assert len(faithful) == 4 and all(e["ratio_forget_vs_random"] > 0 for e in faithful)
+    by_fraction = {e["retain_fraction"]: e for e in faithful if e["deletion_rate"] == 0.05}
+    assert by_fraction[0.3]["forget_loss_rise_forget_circuit"] == by_fraction[0.7]["forget_loss_rise_forget_circuit"]
+    assert by_fraction[0.3]["retain_specific_units"] < by_fraction[0.7]["retain_specific_units"]
+    assert record["choice"] == choose(rows, faithful, (0.45, 0.55), 0.05)["choice"] == result["choice"]
     assert record["base_model"]["weights_sha256"]
     table = (out / "tuning.md").read_text()
     assert table.count("| cure |") == 8 and f"learning rate {result['choice']['learning_rate']}" in table
@@ -301,11 +358,14 @@ def test_tuning_runs_every_variant_on_the_tuning_seeds_only(tmp_path, monkeypatc
     assert judged["tuning_choice"] == rejudged["choice"] == dict.fromkeys(rejudged["choice"])
     assert rejudged["rows"] == rows and "learning rate None" in (out / "tuning.md").read_text()
 
-    # rows from before the rule chose the retain weight cannot be judged by it: a clear error, the file kept
+    # records from before the rule chose the retain weight, or before it measured the circuits' faithfulness,
+    # cannot be judged by it: a clear error, the file kept
     older = tmp_path / "older"
     older.mkdir()
-    stale = json.dumps({**rejudged, "rows": [{k: v for k, v in r.items() if k != "retain_weight"} for r in rows]})
-    (older / "tuning.json").write_text(stale)
-    with pytest.raises(ValueError, match=r"lack retain_weight, .* run it again"):
-        bench.main(["--params", str(params), "--home", str(home), "--judge", "--out", str(older)])
-    assert (older / "tuning.json").read_text() == stale
+    without_weight = {**rejudged, "rows": [{k: v for k, v in r.items() if k != "retain_weight"} for r in rows]}
+    without_faithfulness = {k: v for k, v in rejudged.items() if k != "faithfulness"}
+    for stale, lacking in ((without_weight, "retain_weight"), (without_faithfulness, "the circuits' faithfulness")):
+        (older / "tuning.json").write_text(json.dumps(stale))
+        with pytest.raises(ValueError, match=rf"lacks {lacking}, .* run it again"):
+            bench.main(["--params", str(params), "--home", str(home), "--judge", "--out", str(older)])
+        assert json.loads((older / "tuning.json").read_text()) == stale
