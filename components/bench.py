@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
                 if at_floor or args.quick:
                     floors.append(retrain_floor(base, extras["data"], settings, setting, seed, extras["reference"]))
                     if "circuits" in extras:
-                        faithful.append(circuit_faithfulness(base, extras["data"], extras["circuits"], settings, seed))
+                        faithful += circuit_faithfulness(base, extras["data"], [extras["circuits"]], settings, seed)
         seeds = bench.seeds[:1] if args.quick else bench.seeds  # extraction seeds, compared pairwise
         stability = circuit_stability(base, snapshot, settings, seeds if len(seeds) > 1 else [seeds[0], seeds[0] + 1])
         args.out.mkdir(parents=True, exist_ok=True)

@@ -343,13 +343,9 @@ def pair_faithfulness(base: LlamaForCausalLM, data: UnlearningData, settings: Se
     pair of bench.tuning and mean-ablated (`circuit_faithfulness`): one extraction serves every pair."""
     tuning = settings.bench.tuning
     circuits = circuits_for(base, *_windows(data, settings), settings.circuits, seed)
-    return [
-        {
-            **dict(zip(FRACTIONS, pair, strict=True)),
-            **circuit_faithfulness(base, data, circuits.with_fractions(*pair), settings, seed),
-        }
-        for pair in itertools.product(tuning.cure_forget_fractions, tuning.cure_retain_fractions)
-    ]
+    pairs = list(itertools.product(tuning.cure_forget_fractions, tuning.cure_retain_fractions))
+    reports = circuit_faithfulness(base, data, [circuits.with_fractions(*pair) for pair in pairs], settings, seed)
+    return [{**dict(zip(FRACTIONS, pair, strict=True)), **report} for pair, report in zip(pairs, reports, strict=True)]
 
 
 CANDIDATE = ("retain_weight", "learning_rate")  # what the tuning rule chooses for every method alike
@@ -440,14 +436,15 @@ def retrain_floor(
 
 
 def circuit_faithfulness(
-    base: LlamaForCausalLM, data: UnlearningData, circuits: Circuits, settings: Settings, seed: int
-) -> dict[str, float]:
-    """Mean-ablate the circuits CURE used, on the model they were extracted from: the forget circuit against
-    random unit sets of its size (forget loss), and against the retain circuit (retain loss); the same again
-    for their specific parts alone (`circuits.faithfulness`)."""
+    base: LlamaForCausalLM, data: UnlearningData, partitions: list[Circuits], settings: Settings, seed: int
+) -> list[dict[str, float]]:
+    """Mean-ablate the circuits CURE used (one report per partition of an extraction), on the model they were
+    extracted from: the forget circuit against random unit sets of its size (forget loss), and against the
+    retain circuit (retain loss); the same again for their specific parts alone (`circuits.faithfulness`)."""
     forget, retain = _windows(data, settings)
     sample = retain_sample(retain, settings.circuits, seed)
-    return {"seed": seed, **faithfulness(base, circuits, forget, sample, settings.circuits.batch_size, seed)}
+    reports = faithfulness(base, partitions, forget, sample, settings.circuits.batch_size, seed)
+    return [{"seed": seed, **report} for report in reports]
 
 
 def _windows(data: UnlearningData, settings: Settings) -> tuple[Windows, Windows]:

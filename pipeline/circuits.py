@@ -11,7 +11,7 @@ by its mean (mean ablation). One forward and one backward per batch.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -292,50 +292,73 @@ def mean_loss(model: LlamaForCausalLM, windows: Windows, batch_size: int) -> flo
 
 def faithfulness(
     model: LlamaForCausalLM,
-    circuits: Circuits,
+    partitions: Sequence[Circuits],
     forget: Windows,
     retain: Windows,
     batch_size: int,
     seed: int,
     random_sets: int = 10,
-) -> dict[str, float]:
+) -> list[dict[str, float]]:
     """Does ablating the forget circuit hurt the forget loss more than a random set of the same size,
-    and the retain loss less than ablating the retain circuit?
+    and the retain loss less than ablating the retain circuit? One report per partition.
 
     Asked twice: of the whole circuits (each objective's top fraction, so both hold the task-shared units),
     and of their specific parts alone (forget-specific against retain-specific, the same size when the two
     fractions are equal). With large fractions the shared units dominate both whole circuits and ablating
-    either breaks the model alike; the specific parts show whether the split itself separates the objectives."""
-    means = site_means(model, retain, batch_size, items="items" in circuits.forget_scores)
+    either breaks the model alike; the specific parts show whether the split itself separates the objectives.
+
+    The partitions are one extraction's scores at several fractions (`Circuits.with_fractions`): they share the
+    model's own losses, the site means and every ablation of a unit set they have in common, which is computed
+    once. Each draws its random sets from a generator seeded with `seed`, so its report is the one it would get
+    alone (partitions with the same forget fraction draw the same random sets for their whole forget circuit)."""
+    if not partitions:
+        return []
+    means = site_means(model, retain, batch_size, items="items" in partitions[0].forget_scores)
+    losses = {
+        "forget": (forget, mean_loss(model, forget, batch_size)),
+        "retain": (retain, mean_loss(model, retain, batch_size)),
+    }
+    rises: dict[tuple[frozenset, str], float] = {}
+
+    def rise(units: set, objective: str) -> float:
+        """How much mean-ablating these units raises the loss of this objective ("forget" or "retain")."""
+        key = (frozenset(units), objective)
+        if key not in rises:
+            windows, before = losses[objective]
+            with mean_ablated(model, units, means):
+                rises[key] = mean_loss(model, windows, batch_size) - before
+        return rises[key]
+
+    return [_faithfulness_of(circuits, rise, seed, random_sets) for circuits in partitions]
+
+
+def _faithfulness_of(
+    circuits: Circuits, rise: Callable[[set, str], float], seed: int, random_sets: int
+) -> dict[str, float]:
     forget_specific, retain_specific = circuits.units("forget_specific"), circuits.units("retain_specific")
     shared = circuits.units("shared")
     everything = sorted(forget_specific | retain_specific | shared | circuits.units("inert"))
-    base_forget, base_retain = mean_loss(model, forget, batch_size), mean_loss(model, retain, batch_size)
     rng = np.random.default_rng(seed)
-
-    def rises(units: set) -> tuple[float, float]:
-        """How much mean-ablating these units raises the forget loss and the retain loss."""
-        with mean_ablated(model, units, means):
-            forget_loss, retain_loss = mean_loss(model, forget, batch_size), mean_loss(model, retain, batch_size)
-        return forget_loss - base_forget, retain_loss - base_retain
 
     def random_rise(size: int) -> float:
         """The forget loss's mean rise over `random_sets` random unit sets of this size."""
         picks = [rng.choice(len(everything), size, replace=False) for _ in range(random_sets)]
-        return float(np.mean([rises({everything[i] for i in pick})[0] for pick in picks]))
+        return float(np.mean([rise({everything[i] for i in pick}, "forget") for pick in picks]))
 
     forget_circuit, retain_circuit = forget_specific | shared, retain_specific | shared
-    whole_forget, whole_retain = rises(forget_circuit), rises(retain_circuit)
+    whole_forget = rise(forget_circuit, "forget"), rise(forget_circuit, "retain")
+    whole_retain = rise(retain_circuit, "retain")
     random_whole = random_rise(len(forget_circuit))
-    specific_forget, specific_retain = rises(forget_specific), rises(retain_specific)
+    specific_forget = rise(forget_specific, "forget"), rise(forget_specific, "retain")
+    specific_retain = rise(retain_specific, "forget"), rise(retain_specific, "retain")
     random_specific = random_rise(len(forget_specific))
     return {
         "forget_loss_rise_forget_circuit": whole_forget[0],
         "forget_loss_rise_random_mean": random_whole,
         "ratio_forget_vs_random": whole_forget[0] / max(random_whole, 1e-9),
         "retain_loss_rise_forget_circuit": whole_forget[1],
-        "retain_loss_rise_retain_circuit": whole_retain[1],
-        "ratio_retain_forget_vs_retain_circuit": whole_forget[1] / max(whole_retain[1], 1e-9),
+        "retain_loss_rise_retain_circuit": whole_retain,
+        "ratio_retain_forget_vs_retain_circuit": whole_forget[1] / max(whole_retain, 1e-9),
         "forget_specific_units": len(forget_specific),
         "retain_specific_units": len(retain_specific),
         "forget_loss_rise_forget_specific": specific_forget[0],

@@ -75,17 +75,30 @@ def test_mean_ablation_changes_only_what_it_should(trained, windows):
 def test_the_forget_circuit_is_faithful(trained, windows, settings):
     forget, retain = windows
     circuits = extract_circuits(trained[0], forget, retain, 0.1, 0.1, 16)
-    report = faithfulness(trained[0], circuits, forget, retain, 16, seed=0)
+    (report,) = faithfulness(trained[0], [circuits], forget, retain, 16, seed=0)
     assert report["forget_loss_rise_forget_circuit"] > report["forget_loss_rise_random_mean"]
     assert np.isfinite(report["ratio_retain_forget_vs_retain_circuit"])
     # the split itself, with item units as the benchmark extracts them: with equal fractions the two specific
     # parts have the same size, and each hurts its own objective more than the other part does
     circuits = extract_circuits(trained[0], forget, retain, 0.1, 0.1, 16, items=True)
-    report = faithfulness(trained[0], circuits, forget, retain, 16, seed=0)
+    (report,) = faithfulness(trained[0], [circuits], forget, retain, 16, seed=0)
     assert report["forget_specific_units"] == report["retain_specific_units"] > 0
     assert report["forget_loss_rise_forget_specific"] > report["forget_loss_rise_random_specific_mean"]
     assert report["retain_loss_rise_forget_specific"] < report["retain_loss_rise_retain_specific"]
     assert report["forget_loss_rise_retain_specific"] < report["forget_loss_rise_forget_specific"]
+
+
+def test_partitions_measured_together_report_what_each_reports_alone(trained, windows):
+    """Several partitions of one extraction share the ablations they have in common, and each draws its own
+    random sets: measured together, each report is the one it gets alone."""
+    forget, retain = windows
+    circuits = extract_circuits(trained[0], forget, retain, 0.1, 0.1, 16)
+    partitions = [circuits.with_fractions(*pair) for pair in [(0.1, 0.1), (0.1, 0.3), (0.3, 0.1)]]
+    together = faithfulness(trained[0], partitions, forget, retain, 16, seed=0)
+    assert together == [faithfulness(trained[0], [each], forget, retain, 16, seed=0)[0] for each in partitions]
+    assert together[0]["forget_loss_rise_random_mean"] == together[1]["forget_loss_rise_random_mean"]
+    assert together[0]["retain_specific_units"] < together[1]["retain_specific_units"]
+    assert faithfulness(trained[0], [], forget, retain, 16, seed=0) == []
 
 
 def test_item_units_are_scored_on_the_item_head_and_can_be_ablated(trained, windows):
