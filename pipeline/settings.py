@@ -96,6 +96,8 @@ class UnlearnSettings(_Frozen):
     eval_every: int = Field(ge=1)
     patience: int = Field(ge=1)
     target_auc_band: tuple[float, float]
+    backtracks: int = Field(ge=0)
+    backtrack_lr_factor: float = Field(gt=0.0, lt=1.0)
     npo_beta: float = Field(gt=0.0)
     ssd_alpha: float = Field(gt=0.0)
     ssd_lambda: float = Field(gt=0.0)

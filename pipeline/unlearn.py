@@ -6,7 +6,9 @@ is more than a loss overrides `step` (CURE, gradient projection) or the whole `r
 The shared loop owns the rest: sampling, the optimiser, progress, and the stopping rule: stop once the
 forgotten users' membership-inference AUC against non-members lies inside the target band around 0.5
 for every attack, or once `patience` checks in a row have not come closer to it, and keep the checkpoint
-that came closest if it never gets there.
+that came closest if it never gets there. A check that finds every attack below the band goes back to the
+last check with none below it and goes on at a smaller learning rate (`backtracks` times at most): one
+update near the band can move the AUC by more than the band is wide.
 """
 
 from __future__ import annotations
@@ -233,32 +235,40 @@ class UnlearningMethod:
     def run(self, probe: LeakageProbe, progress: bool = True) -> UnlearnResult:
         config, model = self.settings, self.model
         optimizer = torch.optim.AdamW(self.parameter_groups(), lr=config.learning_rate, weight_decay=0.0)
-        # Linear warm-up: a small batch (a few users) can cross the band within the first full-size steps.
-        warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: min(1.0, (done + 1) / config.warmup_steps))
+        base_rates = [group["lr"] for group in optimizer.param_groups]
         aucs = probe.point(model)
         history = [{"step": 0, "loss": None, **{f"auc_{a}": v for a, v in aucs.items()}}]
         best = (worst_deviation(aucs), 0, aucs, copy.deepcopy(model.state_dict()))
         if in_band(aucs, config.target_auc_band):
             return UnlearnResult(0, "already inside the target band before any update", 0, aucs, history)
-        stopped, step, stale = "max_steps reached", 0, 0  # stale: checks in a row since the best one
+        # Where to go back to when a check overshoots: the last one with no attack below the band, with the
+        # optimiser's state and the trajectory's length (`done`, which the warm-up reads) at that point.
+        before_band = (0, copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()))
+        # step counts every update; done only those the model still holds (a backtrack undoes some);
+        # stale counts the checks in a row since the best one.
+        stopped, step, stale, done, scale, backtracks = "max_steps reached", 0, 0, 0, 1.0, 0
         bar = progress_bar(range(1, config.max_steps + 1), f"unlearn[{self.name}]", "step", progress)
         for step in bar:
             model.train()
+            done += 1
+            # Linear warm-up: a small batch (a few users) can cross the band within the first full-size steps.
+            for group, rate in zip(optimizer.param_groups, base_rates, strict=True):
+                group["lr"] = rate * scale * min(1.0, done / config.warmup_steps)
             loss = self.step(
                 _sample(self.forget, config.batch_size, self.generator),
                 _sample(self.retain, config.retain_batch_size, self.generator),
                 optimizer,
             )
-            warmup.step()
             if not np.isfinite(loss):
                 stopped = f"loss became {loss} at step {step}"
                 break
             # The probe is the expensive part: run it every eval_every steps, and at every step once the
-            # forget batch's mean loss has reached the non-members' level, where the band is likely near.
-            if step % config.eval_every and step != config.max_steps and not self.reached_ceiling:
+            # forget batch's mean loss has reached the non-members' level, or after a backtrack, where the
+            # band is likely near.
+            if step % config.eval_every and step != config.max_steps and not (self.reached_ceiling or backtracks):
                 continue
             aucs = probe.point(model)
-            history.append({"step": step, "loss": loss, **{f"auc_{a}": v for a, v in aucs.items()}})
+            history.append({"step": step, "loss": loss, "lr_scale": scale, **{f"auc_{a}": v for a, v in aucs.items()}})
             bar.set_postfix(loss=f"{loss:.3f}", worst_auc_gap=f"{worst_deviation(aucs):.3f}", refresh=False)
             if worst_deviation(aucs) < best[0]:
                 best, stale = (worst_deviation(aucs), step, aucs, copy.deepcopy(model.state_dict())), 0
@@ -267,9 +277,25 @@ class UnlearningMethod:
             if in_band(aucs, config.target_auc_band):
                 stopped = "inside the target band"
                 break
-            if all(value < config.target_auc_band[0] for value in aucs.values()):
-                stopped = "overshot below the target band; kept the checkpoint closest to 0.5"
-                break
+            if all(value >= config.target_auc_band[0] for value in aucs.values()):
+                before_band = (done, copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()))
+            elif all(value < config.target_auc_band[0] for value in aucs.values()):
+                if backtracks == config.backtracks:
+                    stopped = "overshot below the target band; kept the checkpoint closest to 0.5"
+                    break
+                # Near the band one full step can cross it: go back and approach it again in smaller steps.
+                backtracks, scale, stale = backtracks + 1, scale * config.backtrack_lr_factor, 0
+                done = before_band[0]
+                model.load_state_dict(before_band[1])
+                optimizer.load_state_dict(copy.deepcopy(before_band[2]))  # it would alias them
+                log.info(
+                    "%s overshot at step %d; back to update %d at %.3g x the learning rate",
+                    self.name,
+                    step,
+                    done,
+                    scale,
+                )
+                continue
             if stale >= config.patience:
                 stopped = f"{stale} checks without coming closer to the band; kept the checkpoint closest to 0.5"
                 break

@@ -3,6 +3,7 @@ from datetime import UTC, datetime
 import numpy as np
 import pytest
 
+from pipeline.evaluate import ATTACKS
 from pipeline.requests import DeletionRequest
 from pipeline.splits import build_split, unlearning_data
 from pipeline.unlearn import METHODS, LeakageProbe, UnlearningMethod, method_named, register, run_unlearning
@@ -55,6 +56,30 @@ def test_the_stopping_rule_gives_up_after_patience_checks_without_progress(train
     assert result.stopped.startswith("2 checks without coming closer"), result.stopped
     patient = with_unlearn(settings, learning_rate=1e-12, max_steps=12, eval_every=2, patience=12)
     assert run_unlearning(copy.deepcopy(trained[0]), data, patient, progress=False).stopped == "max_steps reached"
+
+
+def test_an_overshoot_goes_back_to_the_last_check_before_the_band_at_a_smaller_rate(trained, snapshot, settings):
+    """A learning rate that carries every attack past the band in one update: with no backtracks the loop stops
+    there; with one it goes back to the last check with no attack below the band (here the start) and goes on
+    at backtrack_lr_factor x the rate. At a negligible factor the model after going back scores as the start
+    did (the weights were restored), and the loop goes back only once."""
+    import copy
+
+    data = forget_users(snapshot)
+    bold = {"learning_rate": 0.03, "warmup_steps": 1, "eval_every": 1, "max_steps": 8, "patience": 3}
+    stop = run_unlearning(copy.deepcopy(trained[0]), data, with_unlearn(settings, backtracks=0, **bold), progress=False)
+    start, crossed = stop.history[0], stop.history[-1]
+    assert stop.stopped.startswith("overshot below the target band"), stop.history
+    assert all(crossed[f"auc_{a}"] < settings.unlearn.target_auc_band[0] for a in ATTACKS)
+
+    again = with_unlearn(settings, backtracks=1, backtrack_lr_factor=1e-6, **bold)
+    back = run_unlearning(copy.deepcopy(trained[0]), data, again, progress=False)
+    assert back.history[: len(stop.history)] == stop.history  # the same updates up to the overshoot
+    after = back.history[len(stop.history) :]
+    assert after and all(check["lr_scale"] == 1e-6 for check in after), back.history
+    assert all(after[0][f"auc_{a}"] == pytest.approx(start[f"auc_{a}"], abs=0.02) for a in ATTACKS), after[0]
+    assert back.stopped.startswith("3 checks without coming closer"), back.stopped
+    assert back.best_step == crossed["step"]  # the overshot checkpoint was still the closest to 0.5
 
 
 def test_same_params_same_unlearned_model(trained, snapshot, settings):
