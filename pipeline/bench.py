@@ -360,7 +360,7 @@ def faithful_pairs(faithful: list[dict]) -> dict[tuple, bool]:
     circuits that are unfaithful on some batches."""
     verdicts: dict[tuple, bool] = {}
     for entry in faithful:
-        pair = tuple(entry[key] for key in FRACTIONS)
+        pair = _pair(entry)
         holds = entry["ratio_forget_vs_random"] > 1 and entry["ratio_retain_forget_vs_retain_circuit"] < 1
         verdicts[pair] = verdicts.get(pair, True) and holds
     return verdicts
@@ -406,7 +406,7 @@ def choose(rows: list[dict], faithful: list[dict], band: tuple[float, float], ut
         and e["deletion_rate"] == utility_rate
         and e["in_band"]
         and _candidate(e) in forgetting
-        and verdicts.get(tuple(e[key] for key in FRACTIONS), False)
+        and verdicts.get(_pair(e), False)
     ]
     choice = dict.fromkeys((*CANDIDATE, *FRACTIONS))
     if cure:
@@ -418,6 +418,10 @@ def choose(rows: list[dict], faithful: list[dict], band: tuple[float, float], ut
 
 def _candidate(entry: dict) -> tuple:
     return tuple(entry[key] for key in CANDIDATE)
+
+
+def _pair(entry: dict) -> tuple:
+    return tuple(entry[key] for key in FRACTIONS)
 
 
 def retrain_floor(
@@ -686,8 +690,8 @@ def tuning_table(decision: dict, settings: Settings) -> str:
         f"| retain loss vs retain circuit (seeds {seeds}) | faithful on every batch |",
         "|---|---|---|---|---|",
     ]
-    verdicts = {tuple(e[k] for k in FRACTIONS): e["faithful"] for e in decision["faithful_pairs"]}
-    by_batch = {(*(e[k] for k in FRACTIONS), e["deletion_rate"], e["seed"]): e for e in decision["faithfulness"]}
+    verdicts = {_pair(e): e["faithful"] for e in decision["faithful_pairs"]}
+    by_batch = {(*_pair(e), e["deletion_rate"], e["seed"]): e for e in decision["faithfulness"]}
     for pair in sorted(verdicts):
         for rate in tuning.deletion_rates:
             batches = [by_batch.get((*pair, rate, seed)) for seed in tuning.seeds]

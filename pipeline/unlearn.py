@@ -270,15 +270,19 @@ class UnlearningMethod:
             aucs = probe.point(model)
             history.append({"step": step, "loss": loss, "lr_scale": scale, **{f"auc_{a}": v for a, v in aucs.items()}})
             bar.set_postfix(loss=f"{loss:.3f}", worst_auc_gap=f"{worst_deviation(aucs):.3f}", refresh=False)
-            if worst_deviation(aucs) < best[0]:
-                best, stale = (worst_deviation(aucs), step, aucs, copy.deepcopy(model.state_dict())), 0
+            closer = worst_deviation(aucs) < best[0]
+            none_below = all(value >= config.target_auc_band[0] for value in aucs.values())
+            # one copy of the weights serves both checkpoints (neither is changed once taken)
+            weights = copy.deepcopy(model.state_dict()) if closer or none_below else None
+            if closer:
+                best, stale = (worst_deviation(aucs), step, aucs, weights), 0
             else:
                 stale += 1
             if in_band(aucs, config.target_auc_band):
                 stopped = "inside the target band"
                 break
-            if all(value >= config.target_auc_band[0] for value in aucs.values()):
-                before_band = (done, copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()))
+            if none_below:
+                before_band = (done, weights, copy.deepcopy(optimizer.state_dict()))
             elif all(value < config.target_auc_band[0] for value in aucs.values()):
                 if backtracks == config.backtracks:
                     stopped = "overshot below the target band; kept the checkpoint closest to 0.5"
