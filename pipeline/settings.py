@@ -57,6 +57,7 @@ class TrainSettings(_Frozen):
     learning_rate: float = Field(gt=0.0)
     weight_decay: float = Field(ge=0.0)
     warmup_steps: int = Field(ge=0)
+    schedule: Literal["constant", "cosine"]
     patience: int = Field(ge=1)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 
 import numpy as np
 import torch
@@ -16,9 +17,18 @@ from pipeline.data import Snapshot
 from pipeline.evaluate import most_popular_scores, ndcg_at, rank_users, ranks_of_targets, utility_metrics
 from pipeline.model import build_model, make_windows, seed_everything, window_loss
 from pipeline.progress import progress as progress_bar
-from pipeline.settings import Settings
+from pipeline.settings import Settings, TrainSettings
 
 log = logging.getLogger(__name__)
+
+
+def learning_rate_factor(step: int, total_steps: int, config: TrainSettings) -> float:
+    """The learning rate's share after `step` updates: a linear warm-up, then constant, or a cosine decay that
+    reaches zero at the end of the configured epochs (early stopping may end sooner)."""
+    warmup = min(1.0, (step + 1) / max(1, config.warmup_steps))
+    if config.schedule == "constant":
+        return warmup
+    return warmup * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
 
 
 def fit(
@@ -34,8 +44,9 @@ def fit(
     windows = make_windows(train_sequences, settings.model.max_len)
     config = settings.train
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    warmup = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / max(1, config.warmup_steps))
+    total_steps = config.epochs * math.ceil(len(windows) / config.batch_size)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: learning_rate_factor(step, total_steps, config)
     )
     best_ndcg, best_state, history, stale = -1.0, None, [], 0
     bar = progress_bar(range(config.epochs), "train", "epoch", progress)
@@ -49,7 +60,7 @@ def fit(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
-            warmup.step()
+            schedule.step()
             losses.append(loss.item())
         ranks = np.array(
             list(
@@ -57,7 +68,14 @@ def fit(
             )
         )
         val_ndcg = float(ndcg_at(ranks, 10).mean())
-        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_ndcg10": val_ndcg})
+        history.append(
+            {
+                "epoch": epoch,
+                "train_loss": float(np.mean(losses)),
+                "val_ndcg10": val_ndcg,
+                "learning_rate": optimizer.param_groups[0]["lr"],
+            }
+        )
         bar.set_postfix(loss=f"{np.mean(losses):.3f}", val_ndcg10=f"{val_ndcg:.4f}", refresh=False)
         if val_ndcg > best_ndcg:
             best_ndcg, best_state, stale = val_ndcg, copy.deepcopy(model.state_dict()), 0

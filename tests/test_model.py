@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from pipeline.model import (
     window_loss,
     window_nll,
 )
+from pipeline.train import learning_rate_factor
 
 
 def test_windows_cut_sequences_and_respect_masks():
@@ -63,10 +65,22 @@ def test_the_pipeline_pins_the_kernels_so_every_x86_processor_rounds_alike():
     assert _capability({**env, "ATEN_CPU_CAPABILITY": "default"}) == "DEFAULT"
 
 
+def test_the_cosine_schedule_warms_up_then_decays_to_zero_where_constant_holds(settings):
+    cosine = settings.train.model_copy(update={"schedule": "cosine", "warmup_steps": 10})
+    constant = cosine.model_copy(update={"schedule": "constant"})
+    factors = [learning_rate_factor(step, 100, cosine) for step in range(101)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(math.cos(math.pi * 0.09) / 2 + 0.5)
+    assert all(later <= earlier for earlier, later in zip(factors[9:], factors[10:], strict=False))
+    assert factors[50] == pytest.approx(0.5) and factors[100] == pytest.approx(0.0, abs=1e-12)
+    assert [learning_rate_factor(step, 100, constant) for step in (0, 9, 50, 100)] == pytest.approx([0.1, 1, 1, 1])
+
+
 def test_trained_model_beats_most_popular_and_round_trips(tmp_path, trained, snapshot, settings):
     model, report = trained
     assert report["test"]["ndcg10"] > report["mostpop_test"]["ndcg10"]
     assert report["history"][report["best_epoch"]]["val_ndcg10"] == max(r["val_ndcg10"] for r in report["history"])
+    rates = [row["learning_rate"] for row in report["history"]]  # the cosine decay, read off the optimiser
+    assert rates == sorted(rates, reverse=True) and rates[-1] < 0.1 * settings.train.learning_rate
     save_model(model, tmp_path / "m", {"max_len": settings.model.max_len})
     assert (tmp_path / "m" / "model.safetensors").exists()
     loaded, meta = load_model(tmp_path / "m")
