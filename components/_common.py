@@ -9,12 +9,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.settings import Home, Settings, SettingsError, load_settings
 
+CRASH_VARIABLE = "LETHE_TEST_CRASH_AT"  # a step boundary at which the whole run dies (crash tests only)
 CHAMPION_DIR = "champion"  # in a batch folder: the champion's weights the batch started from
 CANDIDATE_DIR = "candidate"  # ... and the unlearned model the gate judges
 
@@ -76,6 +79,16 @@ def read_manifest(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def crash_point(name: str) -> None:
+    """Where a crash test makes the run die, as a machine that loses power would: with LETHE_TEST_CRASH_AT=name
+    the whole process group (lethe nightly, Airflow, this step) is killed here, no cleanup, no exit code.
+    Every step passes its own name once its work is done; the gate passes `gate.promoted` between promoting in
+    the registry and honoring in the ledger. Nothing else reads the variable."""
+    if os.environ.get(CRASH_VARIABLE) == name:
+        print(f"{CRASH_VARIABLE}={name}: killing process group {os.getpgrp()}", file=sys.stderr, flush=True)
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
 def entry_point(step: str, main: Callable[[list[str] | None], dict]) -> None:
     """Run a step as a program: progress to stderr, a one-line reason and exit code 2 on bad input."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {step} %(levelname)s %(message)s")
@@ -84,3 +97,4 @@ def entry_point(step: str, main: Callable[[list[str] | None], dict]) -> None:
     except (SettingsError, FileNotFoundError, ConnectionError, ValueError) as error:
         print(f"lethe {step}: error: {error}", file=sys.stderr)
         sys.exit(2)
+    crash_point(step)

@@ -1,8 +1,10 @@
 """Claim this batch's requests in the ledger, atomically: everything validated or waiting for a retry.
 
-The ledger knows users only by keyed hash; the claim finds them again in the data snapshot and writes the
-batch's requests for the split. A claimed user who is no longer in the snapshot stops the batch with the
-request ids named, rather than being dropped.
+The ledger knows users only by keyed hash; the claim finds them again in the data snapshot (without what is
+honored already) and writes the batch's requests for the split. A request that repeats one already honored is
+answered by the ledger's claim (honored, reason `already_honored`); a claimed request the batch cannot act on
+(its user is not in the snapshot, or none of its items is left to forget) is quarantined with that reason,
+and the rest of the batch goes on: one bad request never stops the others.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import json
 
 from components._common import batch_arguments, context, entry_point, load_snapshot, parser, write_manifest
-from pipeline.ledger import Ledger
+from pipeline.ledger import Ledger, LedgerRequest
 from pipeline.pii import user_keys
 from pipeline.requests import DeletionRequest, Received, read_received, write_received
 
@@ -42,18 +44,39 @@ def recover(ledger: Ledger, batch_id: str, home, settings) -> dict[str, str]:
     return outcome
 
 
+def unusable_requests(claimed: list[LedgerRequest], users: dict[str, int], snapshot) -> dict[str, tuple[str, list]]:
+    """reason -> (message, request ids) for claimed requests there is nothing in the snapshot to forget for."""
+    missing = [r.key for r in claimed if r.user_key not in users]
+    interactions = snapshot.interactions
+    empty = []
+    for request in claimed:
+        if request.scope == "interactions" and request.user_key in users:
+            held = set(interactions.item_id[interactions.user_id == users[request.user_key]].tolist())
+            if not held & set(request.item_ids or ()):
+                empty.append(request.key)
+    found = {}
+    if missing:
+        found["not_in_snapshot"] = ("the user is not in the data snapshot this batch reads", missing)
+    if empty:
+        found["nothing_to_forget"] = ("none of the listed items is in the user's data any more", empty)
+    return found
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = batch_arguments(parser("claim", __doc__)).parse_args(argv)
     settings, home = context(args)
     batch_id = args.batch_dir.name
-    snapshot = load_snapshot(args, home, settings)
     ledger = Ledger(home.ledger_url(settings.ledger.url), actor=f"batch {batch_id}")
     recovered = recover(ledger, batch_id, home, settings)
+    snapshot = load_snapshot(args, home, settings)  # after recovery: what it honored is gone from the data too
     claimed, limit = ledger.claim(batch_id), settings.ledger.max_failed_nights
     users = user_keys(snapshot.interactions.user_id.unique())
-    missing = [r.request_id for r in claimed if r.user_key not in users]
-    if missing:
-        raise ValueError(f"claimed requests whose user is not in the data snapshot: {json.dumps(missing[:20])}")
+    unusable = unusable_requests(claimed, users, snapshot)
+    for reason, (message, ids) in unusable.items():
+        ledger.quarantine_claimed(batch_id, ids, reason, message)
+        print(f"quarantined at claim ({reason}): {json.dumps(ids[:20])}: {message}")
+    dropped = {key for _, keys in unusable.values() for key in keys}
+    claimed = [r for r in claimed if r.key not in dropped]
     write_received(
         args.batch_dir / CLAIMED_FILE,
         [
@@ -82,6 +105,11 @@ def main(argv: list[str] | None = None) -> dict:
             "request_ids": [r.request_id for r in claimed],
             "snapshot_hash": snapshot.manifest["content_hash"],
             "recovered": recovered,
+            "already_honored": ledger.answered(batch_id),
+            "quarantined": [
+                {"request_ids": ids, "reason": reason, "message": message}
+                for reason, (message, ids) in unusable.items()
+            ],
         },
     )
 

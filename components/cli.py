@@ -116,7 +116,7 @@ def print_summary(summary: dict, path: Path) -> None:
         f"requests         {summary['requests_total']} received, {summary['requests_rejected']} quarantined, "
         f"{summary['requests_duplicate']} duplicates; {summary['requests_claimed']} in this batch: "
         f"{summary['requests_honored']} honored, {summary['requests_pending']} pending retry, "
-        f"{summary['requests_needs_retrain']} need a retrain"
+        f"{summary['requests_needs_retrain']} need a retrain; {summary['requests_already_honored']} already honored"
     )
     for rejection in summary["rejections"]:
         print(

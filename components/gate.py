@@ -8,6 +8,7 @@ from components._common import (
     CANDIDATE_DIR,
     batch_arguments,
     context,
+    crash_point,
     entry_point,
     parser,
     read_manifest,
@@ -71,8 +72,9 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             registry.tag_version(version.version, {"gate.reasons": " | ".join(decision.reasons)})
         mlflow.set_tags({"gate": decision.label, "model_version": version.version})
-    # The ledger follows the registry: a crash between the two leaves requests in_batch, and the next claim of
-    # the same batch id settles them from the registry's record (see Ledger.claim).
+    # The ledger follows the registry: a crash between the two leaves requests in_batch, and the next night's
+    # claim settles them from the registry's record (components.claim.recover).
+    crash_point("gate.promoted")
     ledger = Ledger(home.ledger_url(settings.ledger.url), actor=f"batch {batch_id}")
     if decision.passed:
         outcome = {"honored": ledger.honor(batch_id, version.version)}

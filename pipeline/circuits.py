@@ -5,7 +5,7 @@ of the attention output before `o_proj`; a neuron's is its entry of the input of
 (with `circuits.item_units`) is its logit on the tied item head. The score
 of a module for an objective is |(activation - its mean) . gradient of the objective|, averaged over the
 scored positions: the first-order estimate of how much the loss would move if the module were replaced
-by its mean (mean ablation). One forward and one backward per batch.
+by its mean (mean ablation). A forward pass for the means, then one forward and one backward per batch.
 """
 
 from __future__ import annotations
@@ -88,21 +88,25 @@ def attribution_scores(
 ) -> dict[str, torch.Tensor]:
     """Per site, a score per unit (head, neuron, and with `items` item) for the next-item loss on `windows`.
 
+    Each scored position contributes |(activation - the mean over all of `windows`) . its own loss's gradient|,
+    and the scores are the mean over positions, so they do not depend on `batch_size`: a forward pass without
+    gradients first takes the means (as mean ablation uses them), then each batch's summed loss is differentiated.
     The backward pass asks for the activations' gradients only: no weight gradient is computed."""
     model.eval()
+    means = site_means(model, windows, batch_size, items)
     totals: dict[str, torch.Tensor] = {}
     count = 0
     sites = list(_sites(model, items))
     for batch in windows.batches(batch_size):
         scored = batch.labels != IGNORE
         with _capture(model, items) as captured:
-            loss = window_loss(model, batch)
+            loss = window_loss(model, batch) * scored.sum()  # the sum: each position's gradient is its own
         gradients = torch.autograd.grad(loss, [captured[site] for site in sites])
         for site, gradient in zip(sites, gradients, strict=True):
             activation = captured[site].detach()
             if site != "items":  # the item head runs on the scored positions only (model.scored_logits)
                 activation, gradient = activation[scored], gradient[scored]
-            centred = activation - activation.mean(dim=0, keepdim=True)
+            centred = activation - means[site]
             contribution = _per_unit(model, site, centred * gradient).abs().sum(dim=0)
             totals[site] = totals.get(site, 0) + contribution
         count += int(scored.sum())

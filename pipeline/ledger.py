@@ -9,6 +9,10 @@ migrations (pipeline/ledger_migrations), never by create_all.
 States: received -> validated | quarantined; validated -> in_batch (claimed by one batch, atomically);
 in_batch -> honored | pending_retry; pending_retry -> in_batch again, or needs_retrain after
 `ledger.max_failed_nights` rejected nights; needs_retrain -> in_batch (the retrain fallback) -> honored.
+A claimable request that asks again for what is honored already (the same person, or interactions already
+forgotten) goes straight to honored at claim, reason `already_honored`, with the model version and the key
+of the request that honored it; a claimed request the batch cannot act on is quarantined with a reason and
+the rest of the batch goes on.
 
 Raw user ids never enter the ledger: a request carries the keyed hash of its user (pipeline.pii).
 """
@@ -56,6 +60,7 @@ requests_table = sa.Table(
     sa.Column("failed_nights", sa.Integer),
     sa.Column("source", sa.Text),
     sa.Column("line", sa.Integer),
+    sa.Column("original_key", sa.String(255)),  # a repeat: the request that honored it first
     sa.Column("created_at", sa.DateTime(timezone=True)),
     sa.Column("updated_at", sa.DateTime(timezone=True)),
 )
@@ -331,9 +336,11 @@ class Ledger:
 
     def claim(self, batch_id: str, states: tuple[str, ...] = CLAIMABLE) -> list[LedgerRequest]:
         """Move every request in `states` into this batch, atomically, and return them with any this batch holds
-        already (a rerun of the same batch picks up its own requests). PostgreSQL: the rows are locked with
-        FOR UPDATE SKIP LOCKED, so a second batch claiming at the same time skips them; SQLite: the transaction
-        holds the database's write lock from its first statement (BEGIN IMMEDIATE)."""
+        already (a rerun of the same batch picks up its own requests). A request that repeats what is honored
+        already is answered instead (see `_repeats`): honored by the version that honored the original, never
+        claimed. PostgreSQL: the rows are locked with FOR UPDATE SKIP LOCKED, so a second batch claiming at the
+        same time skips them; SQLite: the transaction holds the database's write lock from its first statement
+        (BEGIN IMMEDIATE)."""
         with self.engine.begin() as connection:
             rows = connection.execute(
                 sa.select(requests_table)
@@ -346,19 +353,91 @@ class Ledger:
                 .where(requests_table.c.state == "in_batch", requests_table.c.batch_id == batch_id)
                 .order_by(requests_table.c.id)
             ).all()
-            if rows:
-                keys = [row.key for row in rows]
-                for start in range(0, len(keys), 5000):
-                    connection.execute(
-                        sa.update(requests_table)
-                        .where(requests_table.c.key.in_(keys[start : start + 5000]))
-                        .values(state="in_batch", batch_id=batch_id, updated_at=_now())
+            repeats = self._repeats(connection, rows)
+            for row in rows:
+                if row.key in repeats:
+                    original = repeats[row.key]
+                    self._move(
+                        connection,
+                        [row.key],
+                        row.state,
+                        "honored",
+                        batch_id=batch_id,
+                        model_version=original.model_version,
+                        reason="already_honored",
+                        message=f"already honored by request {original.request_id!r} in model version "
+                        f"{original.model_version}",
+                        original_key=original.key,
                     )
-                connection.execute(
-                    sa.insert(events_table),
-                    [self._event(row.key, row.state, "in_batch", batch_id=batch_id) for row in rows],
-                )
+            rows = [row for row in rows if row.key not in repeats]
+            for state in sorted({row.state for row in rows}):
+                keys = [row.key for row in rows if row.state == state]
+                self._move(connection, keys, state, "in_batch", batch_id=batch_id)
         return [_as_request(row, state="in_batch") for row in [*held, *rows]]
+
+    @staticmethod
+    def _repeats(connection: sa.Connection, rows) -> dict[str, sa.Row]:
+        """Of `rows`, those that ask for nothing the ledger has not honored already, each with the honored request
+        that answers it: a user honored at user scope answers any later request of that user; interactions
+        answer a later request whose items they cover. People do ask twice."""
+        user_keys = sorted({row.user_key for row in rows if row.user_key})
+        if not user_keys:
+            return {}
+        honored = connection.execute(
+            sa.select(requests_table)
+            .where(requests_table.c.state == "honored", requests_table.c.user_key.in_(user_keys))
+            .order_by(requests_table.c.id)
+        ).all()
+        whole, items = {}, {}
+        for row in honored:
+            if row.scope == "user":
+                whole.setdefault(row.user_key, row)
+            else:
+                for item in row.item_ids or ():
+                    items.setdefault(row.user_key, {})[item] = row
+        answered = {}
+        for row in rows:
+            if row.user_key in whole:
+                answered[row.key] = whole[row.user_key]
+            elif row.scope == "interactions" and row.item_ids:
+                covered = items.get(row.user_key, {})
+                if all(item in covered for item in row.item_ids):
+                    answered[row.key] = covered[row.item_ids[-1]]
+        return answered
+
+    def _move(
+        self,
+        connection,
+        keys,
+        from_state,
+        to_state,
+        batch_id=None,
+        model_version=None,
+        reason=None,
+        message=None,
+        original_key=None,
+        count_failure=False,
+    ) -> None:
+        """Move the requests `keys` (all in `from_state`) to `to_state` with one event each, in `connection`'s
+        transaction."""
+        values = {"state": to_state, "updated_at": _now()}
+        if batch_id is not None:
+            values["batch_id"] = batch_id
+        if to_state != "in_batch":
+            values.update(reason=reason, message=message)
+        if model_version is not None:
+            values["model_version"] = model_version
+        if original_key is not None:
+            values["original_key"] = original_key
+        if count_failure:
+            values["failed_nights"] = requests_table.c.failed_nights + 1
+        for start in range(0, len(keys), 5000):
+            part = keys[start : start + 5000]
+            connection.execute(sa.update(requests_table).where(requests_table.c.key.in_(part)).values(**values))
+            connection.execute(
+                sa.insert(events_table),
+                [self._event(k, from_state, to_state, batch_id, model_version, reason) for k in part],
+            )
 
     def _finish(
         self, batch_id: str, to_state: str, model_version=None, reason=None, message=None, where=None, failed=True
@@ -370,18 +449,18 @@ class Ledger:
             if where is not None:
                 condition = sa.and_(condition, where)
             keys = [row.key for row in connection.execute(sa.select(requests_table.c.key).where(condition))]
-            if not keys:
-                return 0
-            values = {"state": to_state, "updated_at": _now(), "reason": reason, "message": message}
-            if model_version is not None:
-                values["model_version"] = model_version
-            if failed:
-                values["failed_nights"] = requests_table.c.failed_nights + 1
-            connection.execute(sa.update(requests_table).where(requests_table.c.key.in_(keys)).values(**values))
-            connection.execute(
-                sa.insert(events_table),
-                [self._event(k, "in_batch", to_state, batch_id, model_version, reason) for k in keys],
-            )
+            if keys:
+                self._move(
+                    connection,
+                    keys,
+                    "in_batch",
+                    to_state,
+                    batch_id,
+                    None if model_version is None else str(model_version),
+                    reason,
+                    message,
+                    count_failure=failed,
+                )
             return len(keys)
 
     def stuck_batches(self, other_than: str) -> list[str]:
@@ -398,6 +477,24 @@ class Ledger:
     def release(self, batch_id: str, reason: str, message: str) -> int:
         """An interrupted batch's requests wait for the next claim; an interruption is not a failed night."""
         return self._finish(batch_id, "pending_retry", reason=reason, message=message, failed=False)
+
+    def quarantine_claimed(self, batch_id: str, request_ids: list[str], reason: str, message: str) -> int:
+        """Claimed requests this batch cannot act on (found at claim time): quarantined with the reason, so that
+        the rest of the batch goes on; not a failed night."""
+        where = requests_table.c.key.in_(list(request_ids))
+        return self._finish(batch_id, "quarantined", reason=reason, message=message, where=where, failed=False)
+
+    def answered(self, batch_id: str) -> list[dict]:
+        """The repeats this batch's claim answered: request id, the original's and the honoring version."""
+        with self.engine.connect() as connection:
+            rows = connection.execute(
+                sa.select(requests_table)
+                .where(requests_table.c.batch_id == batch_id, requests_table.c.reason == "already_honored")
+                .order_by(requests_table.c.id)
+            ).all()
+        return [
+            {"request_id": r.request_id, "original": r.original_key, "model_version": r.model_version} for r in rows
+        ]
 
     def honor(self, batch_id: str, model_version: str) -> int:
         """The batch's model was promoted: its requests are honored by that model version."""

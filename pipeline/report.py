@@ -12,7 +12,11 @@ def summarize(batch_id: str, manifests: dict[str, dict]) -> dict:
     """One flat record of what the batch did, from the step manifests that exist."""
     ingest, claim = manifests.get("ingest", {}), manifests.get("claim", {})
     gate, evaluation, unlearn = manifests.get("gate"), manifests.get("evaluate"), manifests.get("unlearn", {})
-    rejections = ingest.get("quarantine", [])
+    rejections = ingest.get("quarantine", []) + [
+        {"source": "claim", "line": 0, "reason": entry["reason"], "message": f"{', '.join(entry['request_ids'])}: "
+         f"{entry['message']}"}
+        for entry in claim.get("quarantined", [])
+    ]  # fmt: skip
     claimed = claim.get("claimed", 0)
     passed = gate is not None and gate["gate"] == "passed"
     outcome = (gate or {}).get("ledger", {})
@@ -27,6 +31,9 @@ def summarize(batch_id: str, manifests: dict[str, dict]) -> dict:
         "requests_needs_retrain": outcome.get("needs_retrain", 0),
         "requests_rejected": len(rejections),
         "requests_duplicate": ingest.get("duplicates", 0),
+        # repeats of requests honored before: answered at claim by the version that honored the original
+        "requests_already_honored": len(claim.get("already_honored", [])),
+        "already_honored": claim.get("already_honored", []),
         # requests that failed the gate ledger.max_failed_nights times: this batch retrained from scratch for them
         "retrain_fallback": claim.get("needs_retrain_ids", []),
         "rejections": rejections,
@@ -96,6 +103,14 @@ def render_html(summary: dict, plot_name: str | None) -> str:
             f"{summary['requests_claimed']} / {summary['requests_honored']} / {summary['requests_pending']} / "
             f"{summary['requests_needs_retrain']}",
         ),
+        row(
+            "already honored (repeats)",
+            ", ".join(
+                f"{a['request_id']} (by {a['original']}, version {a['model_version']})"
+                for a in summary["already_honored"]
+            )
+            or "none",
+        ),  # fmt: skip
         row("retrained from scratch for", ", ".join(summary["retrain_fallback"]) or "none"),
         row("NDCG@10 before -> after", f"{summary['ndcg10_before']} -> {summary['ndcg10_after']}"),
         row("MIA AUC before (95% CI)", interval(summary["mia_auc_before_by_attack"])),

@@ -56,7 +56,7 @@ def cases(member: int, other: int, items: list[int]) -> dict[str, tuple[list[byt
         "unknown_user": ([jsonl(request("a", 10**9))], {"validated": 0, "unknown_user": 1}),
         "unknown_item": ([jsonl(request("a", member, "interactions", [items[0], 10**9]))],
                          {"validated": 0, "unknown_items": 1}),
-        "item_of_another_user_only": ([jsonl(request("a", other, "interactions", [-5]))],
+        "item_of_another_user_only": ([jsonl(request("a", other, "interactions", [items[0]]))],
                                       {"validated": 0, "unknown_items": 1}),
         "duplicate_id_in_one_file": ([jsonl(ok, request("ok", other))],
                                      {"validated": 1, "duplicate_request_id": 1}),
@@ -95,7 +95,13 @@ def cases(member: int, other: int, items: list[int]) -> dict[str, tuple[list[byt
 @pytest.fixture(scope="module")
 def people(snapshot):
     member, other = (int(u) for u in snapshot.members[:2])
-    items = sorted(int(i) for i in snapshot.interactions[snapshot.interactions.user_id == member].item_id)
+    interactions = snapshot.interactions
+
+    def history(user):
+        return set(interactions.item_id[interactions.user_id == user].tolist())
+
+    items = sorted(int(i) for i in history(member) - history(other))  # the member's, in the catalogue, not other's
+    assert items and set(items) <= set(snapshot.items.item_id)
     return member, other, items
 
 

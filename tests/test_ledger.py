@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import multiprocessing
 import uuid
@@ -13,7 +15,7 @@ import sqlalchemy as sa
 
 from pipeline.contracts import DeletionLogContract
 from pipeline.ledger import STATES, Ledger
-from pipeline.pii import PiiKeyMissing, user_key
+from pipeline.pii import DEVELOPMENT_KEY, PiiKeyMissing, user_key
 from pipeline.requests import parse_lines
 
 parse_file = partial(parse_lines, max_line_bytes=65536)
@@ -58,9 +60,30 @@ def accept_all(received):
 
 def test_a_new_ledger_is_migrated_to_the_newest_schema(ledger_url):
     ledger = Ledger(ledger_url)
-    assert ledger.schema_version() == Ledger.newest_schema_version() == "0001"
+    assert ledger.schema_version() == Ledger.newest_schema_version() == "0002"
     Ledger(ledger_url).migrate()  # a second start is a no-op, not an error
     assert ledger.counts() == dict.fromkeys(STATES, 0)
+
+
+def test_a_ledger_of_the_first_schema_is_upgraded_with_its_rows(ledger_url):
+    from alembic import command
+
+    engine = sa.create_engine(ledger_url)
+    with engine.begin() as connection:  # a ledger as the first release left it, holding one honored request
+        command.upgrade(Ledger._alembic(None, connection), "0001")
+        now = datetime.now(UTC)
+        connection.execute(
+            sa.text(
+                "INSERT INTO requests (key, request_id, user_key, scope, state, model_version, failed_nights, "
+                "created_at, updated_at, received_at) VALUES ('old', 'old', :user, 'user', 'honored', '2', 0, :now, "
+                ":now, :now)"
+            ),
+            {"user": user_key(1), "now": now},
+        )
+    ledger = Ledger(ledger_url)
+    assert ledger.schema_version() == "0002"
+    ledger.ingest([("log.jsonl", line("again", 1))], parse_file, accept_all)
+    assert ledger.claim("night") == [] and ledger.answered("night")[0]["original"] == "old"
 
 
 def test_ingesting_the_same_file_twice_changes_nothing(ledger_url):
@@ -129,9 +152,11 @@ def test_raw_user_ids_never_enter_the_ledger(ledger_url, monkeypatch):
         dump = json.dumps([list(map(str, row)) for row in connection.execute(sa.text("SELECT * FROM requests"))])
         dump += json.dumps([list(map(str, row)) for row in connection.execute(sa.text("SELECT * FROM events"))])
     assert "424242" not in dump and "737373" not in dump
-    assert user_key(424242) in dump
-    monkeypatch.setenv("LETHE_PII_KEY", "another-key")
-    assert user_key(424242) not in dump  # the hash depends on the key: no key, no link back
+    # the ledger hashed with the configured key, computed here independently of pipeline.pii, and not with the
+    # development key: a ledger that ignored LETHE_PII_KEY would store the latter
+    configured = hmac.new(b"a-test-key", b"424242", hashlib.sha256).hexdigest()[:32]
+    development = hmac.new(DEVELOPMENT_KEY, b"424242", hashlib.sha256).hexdigest()[:32]
+    assert configured in dump and development not in dump
 
 
 def test_production_mode_without_a_key_is_an_error(monkeypatch):
@@ -228,3 +253,47 @@ def test_a_corrected_resubmission_with_a_new_id_goes_through(ledger_url, snapsho
     fixed = ledger.ingest([("tuesday.jsonl", line("req-7-fixed", member))], parse_file, check)
     assert fixed.validated == 1 and [r.request_id for r in ledger.claim("night")] == ["req-7-fixed"]
     assert ledger.history("req-7")["entries"][0]["state"] == "quarantined"  # the record of the bad one stays
+
+
+def test_a_repeat_of_an_honored_request_is_answered_at_claim_and_never_claimed(ledger_url):
+    """People ask twice: a user honored at user scope, or interactions already forgotten, asked for again under a
+    new id. The claim answers the repeat (honored by the original's version, linked to it) and claims the rest."""
+    ledger = Ledger(ledger_url, actor="test")
+    ledger.ingest([("monday.jsonl", line("a", 1) + line("b", 2, "interactions", [5, 6]))], parse_file, accept_all)
+    ledger.claim("night-1")
+    assert ledger.honor("night-1", "2") == 2
+    tuesday = (
+        line("a-again", 1)  # the same person
+        + line("a-items", 1, "interactions", [9])  # items of a person forgotten whole
+        + line("b-again", 2, "interactions", [6])  # interactions already forgotten
+        + line("b-more", 2, "interactions", [6, 7])  # one of them new: a real request
+        + line("c", 3)
+    )
+    ledger.ingest([("tuesday.jsonl", tuesday)], parse_file, accept_all)
+    claimed = ledger.claim("night-2")
+    assert sorted(r.request_id for r in claimed) == ["b-more", "c"]
+    answered = {entry["request_id"]: entry for entry in ledger.answered("night-2")}
+    assert answered == {
+        "a-again": {"request_id": "a-again", "original": "a", "model_version": "2"},
+        "a-items": {"request_id": "a-items", "original": "a", "model_version": "2"},
+        "b-again": {"request_id": "b-again", "original": "b", "model_version": "2"},
+    }
+    entry = ledger.history("a-again")["entries"][0]
+    assert entry["state"] == "honored" and entry["reason"] == "already_honored" and entry["original_key"] == "a"
+    assert [(e["from_state"], e["to_state"], e["reason"]) for e in entry["events"]][-1] == (
+        "validated",
+        "honored",
+        "already_honored",
+    )
+    assert ledger.counts()["in_batch"] == 2 and ledger.stuck_batches(other_than="night-2") == []
+
+
+def test_a_claimed_request_the_batch_cannot_act_on_is_quarantined_and_the_rest_go_on(ledger_url):
+    ledger = Ledger(ledger_url)
+    ledger.ingest([("log.jsonl", line("gone", 1) + line("fine", 2))], parse_file, accept_all)
+    ledger.claim("night")
+    assert ledger.quarantine_claimed("night", ["gone"], "not_in_snapshot", "the user is not in the snapshot") == 1
+    assert ledger.honor("night", "3") == 1
+    assert ledger.history("gone")["entries"][0]["state"] == "quarantined"
+    assert ledger.history("fine")["entries"][0]["state"] == "honored"
+    assert ledger.history("gone")["entries"][0]["events"][-1]["reason"] == "not_in_snapshot"
