@@ -12,12 +12,14 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.settings import Home, Settings, SettingsError, load_settings
 
-CRASH_VARIABLE = "LETHE_TEST_CRASH_AT"  # a step boundary at which the whole run dies (crash tests only)
+CRASH_VARIABLE = "LETHE_TEST_CRASH_AT"  # tests only: the hook point at which the whole run dies
+PAUSE_VARIABLE = "LETHE_TEST_PAUSE_AT"  # tests only: name:folder, the hook point at which a step waits
 CHAMPION_DIR = "champion"  # in a batch folder: the champion's weights the batch started from
 CANDIDATE_DIR = "candidate"  # ... and the unlearned model the gate judges
 
@@ -45,12 +47,18 @@ def snapshot_dir(args: argparse.Namespace, home: Home) -> Path:
     return args.snapshot if args.snapshot is not None else home.snapshot
 
 
+def open_ledger(settings: Settings, home: Home, actor: str | None = None):
+    """The ledger at its configured URL, with params.yaml's bounds on waiting for a lost database."""
+    from pipeline.ledger import Ledger
+
+    return Ledger(home.ledger_url(settings.ledger.url), actor=actor, settings=settings.ledger)
+
+
 def forgotten(settings: Settings, home: Home, user_ids) -> tuple[set[int], dict[int, set[int]]]:
     """Users and (user, item) interactions the ledger holds as honored, as ids of the given population."""
-    from pipeline.ledger import Ledger
     from pipeline.pii import user_keys
 
-    users, pairs = Ledger(home.ledger_url(settings.ledger.url)).honored()
+    users, pairs = open_ledger(settings, home).honored()
     if not users and not pairs:
         return set(), {}
     ids = user_keys(user_ids)
@@ -79,14 +87,23 @@ def read_manifest(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def crash_point(name: str) -> None:
-    """Where a crash test makes the run die, as a machine that loses power would: with LETHE_TEST_CRASH_AT=name
-    the whole process group (lethe nightly, Airflow, this step) is killed here, no cleanup, no exit code.
-    Every step passes its own name once its work is done; the gate passes `gate.promoted` between promoting in
-    the registry and honoring in the ledger. Nothing else reads the variable."""
+def hook_point(name: str) -> None:
+    """Where a test makes the run die or wait, by state and never by timing. Every step passes its own name once
+    its work is done; the gate passes `gate.promoted` between promoting in the registry and honoring in the
+    ledger. Nothing but these two test variables is read here:
+    - LETHE_TEST_CRASH_AT=name: the whole process group (lethe nightly, Airflow, this step) is killed here, as a
+      machine that loses power would: no cleanup, no exit code.
+    - LETHE_TEST_PAUSE_AT=name:folder: the step writes folder/name.reached and waits for folder/name.resume
+      (at most an hour), so that a test can take a server away at exactly this point."""
     if os.environ.get(CRASH_VARIABLE) == name:
         print(f"{CRASH_VARIABLE}={name}: killing process group {os.getpgrp()}", file=sys.stderr, flush=True)
         os.killpg(os.getpgrp(), signal.SIGKILL)
+    point, _, folder = os.environ.get(PAUSE_VARIABLE, "").partition(":")
+    if point == name and folder:
+        (Path(folder) / f"{name}.reached").touch()
+        deadline = time.monotonic() + 3600
+        while not (Path(folder) / f"{name}.resume").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 def entry_point(step: str, main: Callable[[list[str] | None], dict]) -> None:
@@ -97,4 +114,4 @@ def entry_point(step: str, main: Callable[[list[str] | None], dict]) -> None:
     except (SettingsError, FileNotFoundError, ConnectionError, ValueError) as error:
         print(f"lethe {step}: error: {error}", file=sys.stderr)
         sys.exit(2)
-    crash_point(step)
+    hook_point(step)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 
-from components._common import batch_arguments, context, entry_point, load_snapshot, parser, write_manifest
+from components._common import batch_arguments, context, entry_point, load_snapshot, open_ledger, parser, write_manifest
 from pipeline.ledger import Ledger, LedgerRequest
 from pipeline.pii import user_keys
 from pipeline.requests import DeletionRequest, Received, read_received, write_received
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = batch_arguments(parser("claim", __doc__)).parse_args(argv)
     settings, home = context(args)
     batch_id = args.batch_dir.name
-    ledger = Ledger(home.ledger_url(settings.ledger.url), actor=f"batch {batch_id}")
+    ledger = open_ledger(settings, home, f"batch {batch_id}")
     recovered = recover(ledger, batch_id, home, settings)
     snapshot = load_snapshot(args, home, settings)  # after recovery: what it honored is gone from the data too
     claimed, limit = ledger.claim(batch_id), settings.ledger.max_failed_nights

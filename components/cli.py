@@ -165,11 +165,11 @@ def sample_log(args: argparse.Namespace) -> int:
     return 0
 
 
-def open_ledger(args: argparse.Namespace):
-    from pipeline.ledger import Ledger
+def ledger_for(args: argparse.Namespace):
+    from components._common import open_ledger
 
     settings, home = load_settings(args.params), Home(args.home)
-    return Ledger(home.ledger_url(settings.ledger.url)), settings, home
+    return open_ledger(settings, home), settings, home
 
 
 def ingest(args: argparse.Namespace) -> int:
@@ -181,9 +181,9 @@ def ingest(args: argparse.Namespace) -> int:
     from pipeline.requests import parse_lines
     from pipeline.storage import read_logs
 
-    ledger, settings, home = open_ledger(args)
+    ledger, settings, home = ledger_for(args)
     snapshot = read_snapshot(args.snapshot or home.snapshot)
-    files = read_logs(args.source, settings.landing.s3_endpoint_url)
+    files = read_logs(args.source, settings.landing)
     parse = partial(parse_lines, max_line_bytes=settings.ledger.max_line_bytes)
     counts = ledger.ingest(files, parse, DeletionLogContract(snapshot, settings.ledger.max_clock_skew_s))
     print(json.dumps(counts.as_dict()))
@@ -191,7 +191,7 @@ def ingest(args: argparse.Namespace) -> int:
 
 
 def ledger_command(args: argparse.Namespace) -> int:
-    ledger, _, _ = open_ledger(args)
+    ledger, _, _ = ledger_for(args)
     if args.ledger_command == "status":
         print(json.dumps({**ledger.counts(), "schema_version": ledger.schema_version()}))
         return 0

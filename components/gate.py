@@ -8,14 +8,14 @@ from components._common import (
     CANDIDATE_DIR,
     batch_arguments,
     context,
-    crash_point,
     entry_point,
+    hook_point,
+    open_ledger,
     parser,
     read_manifest,
     write_manifest,
 )
 from pipeline.gate import decide, worst_case_auc
-from pipeline.ledger import Ledger
 from pipeline.registry import Registry
 
 
@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> dict:
     after_auc = {attack: estimate["value"] for attack, estimate in after["mia_auc"].items()}
     decision = decide(after["ndcg10"], before["ndcg10"], after_auc, settings.gate)
 
+    # the ledger is reached before anything is promoted: a ledger that is down stops the gate here, not after
+    ledger = open_ledger(settings, home, f"batch {batch_id}")
     registry = Registry(home, settings.mlflow)
     with mlflow.start_run(run_id=registry.batch_run_id(args.batch_dir, batch_id)) as run:
         mlflow.log_params(flatten("", settings.model_dump(mode="json")))
@@ -74,8 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
         mlflow.set_tags({"gate": decision.label, "model_version": version.version})
     # The ledger follows the registry: a crash between the two leaves requests in_batch, and the next night's
     # claim settles them from the registry's record (components.claim.recover).
-    crash_point("gate.promoted")
-    ledger = Ledger(home.ledger_url(settings.ledger.url), actor=f"batch {batch_id}")
+    hook_point("gate.promoted")
     if decision.passed:
         outcome = {"honored": ledger.honor(batch_id, version.version)}
     else:

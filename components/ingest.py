@@ -6,10 +6,9 @@ from __future__ import annotations
 import json
 from functools import partial
 
-from components._common import batch_arguments, context, entry_point, parser, snapshot_dir, write_manifest
+from components._common import batch_arguments, context, entry_point, open_ledger, parser, snapshot_dir, write_manifest
 from pipeline.contracts import DeletionLogContract
 from pipeline.data import read_snapshot
-from pipeline.ledger import Ledger
 from pipeline.requests import parse_lines
 from pipeline.storage import read_logs
 
@@ -20,12 +19,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = cli.parse_args(argv)
     settings, home = context(args)
     snapshot = read_snapshot(snapshot_dir(args, home))
-    ledger = Ledger(home.ledger_url(settings.ledger.url), actor=f"batch {args.batch_dir.name}")
+    ledger = open_ledger(settings, home, f"batch {args.batch_dir.name}")
     contract = DeletionLogContract(snapshot, settings.ledger.max_clock_skew_s)
     files = []
 
     def logs():
-        for log in read_logs(args.deletion_log, settings.landing.s3_endpoint_url):
+        for log in read_logs(args.deletion_log, settings.landing):
             files.append(log.uri)
             yield log
 

@@ -19,10 +19,13 @@ Raw user ids never enter the ledger: a request carries the keyed hash of its use
 
 from __future__ import annotations
 
+import functools
 import getpass
 import hashlib
+import logging
 import os
 import socket
+import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -89,8 +92,43 @@ files_table = sa.Table(
 )
 
 
+log = logging.getLogger(__name__)
+
+
 class LedgerUnavailable(ConnectionError):
     """The ledger's database cannot be reached or migrated; the message says which URL and why."""
+
+
+def _database_call(retry: bool):
+    """A public ledger operation that loses its database (refused, reset, timed out) is tried `attempts` times
+    in all with doubling waits, then fails with LedgerUnavailable naming the URL: a night never hangs on it and
+    never dies on a bare driver traceback. Each operation is one transaction that a retry redoes whole, and
+    each is idempotent (a claim picks up what it holds, honor and fail move only in_batch rows), so a retry
+    after a commit whose answer was lost does no harm. `retry=False` for ingest, whose files are a stream:
+    what it committed is skipped by file hash when the night runs again."""
+
+    def decorate(method):
+        @functools.wraps(method)
+        def wrapper(self, *args, **kwargs):
+            attempts = self.attempts if retry else 1
+            for attempt in range(1, attempts + 1):
+                try:
+                    return method(self, *args, **kwargs)
+                except (sa.exc.OperationalError, sa.exc.InterfaceError) as error:
+                    reason = " ".join(str(error.orig).split())
+                    if attempt == attempts:
+                        raise LedgerUnavailable(
+                            f"ledger database {_safe_url(self.url)} is unavailable ({method.__name__}, "
+                            f"{attempt} attempt{'s' if attempt > 1 else ''}): {reason}"
+                        ) from None
+                    wait = self.backoff_s * 2 ** (attempt - 1)
+                    log.warning("ledger %s failed (%s); again in %.1f s", method.__name__, reason, wait)
+                    time.sleep(wait)
+                    self.engine.dispose()  # a fresh connection next time, not a dead one from the pool
+
+        return wrapper
+
+    return decorate
 
 
 def default_actor() -> str:
@@ -137,8 +175,12 @@ class IngestCounts:
 
 
 class Ledger:
-    def __init__(self, url: str, actor: str | None = None) -> None:
+    def __init__(self, url: str, actor: str | None = None, settings=None) -> None:
+        """`settings` (params.yaml's `ledger`) bound how long a lost database is waited for: a connection
+        timeout and the attempts per operation. Without them (tests, tools) one attempt, no timeout."""
         self.url, self.actor = url, actor or default_actor()
+        self.attempts = settings.attempts if settings else 1
+        self.backoff_s = settings.retry_backoff_s if settings else 0.0
         if url.startswith("sqlite:///"):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
             # a writer waits for another instead of failing at once; claims take the write lock up front
@@ -146,7 +188,8 @@ class Ledger:
             sa.event.listen(self.engine, "connect", self._sqlite_connect)
             sa.event.listen(self.engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
         else:
-            self.engine = sa.create_engine(url, pool_pre_ping=True)
+            timeout = {"connect_timeout": settings.connect_timeout_s} if settings else {}
+            self.engine = sa.create_engine(url, pool_pre_ping=True, connect_args=timeout)
         self.migrate()
 
     @staticmethod
@@ -162,6 +205,7 @@ class Ledger:
         config.attributes["connection"] = connection
         return config
 
+    @_database_call(retry=True)
     def migrate(self) -> None:
         """Bring the schema to the newest migration (a no-op when it is there already)."""
         try:
@@ -169,10 +213,13 @@ class Ledger:
                 if connection.dialect.name == "postgresql":  # two processes starting at once migrate in turn
                     connection.execute(sa.text("SELECT pg_advisory_xact_lock(7417384501)"))
                 command.upgrade(self._alembic(connection), "head")
-        except sa.exc.DBAPIError as error:  # unreachable, refused, or a schema we may not create tables in
+        except (sa.exc.OperationalError, sa.exc.InterfaceError):
+            raise  # lost or refused: tried again
+        except sa.exc.DBAPIError as error:  # a schema we may not create tables in: no retry helps
             reason = " ".join(str(error.orig).split())
             raise LedgerUnavailable(f"ledger database {_safe_url(self.url)} is unavailable: {reason}") from None
 
+    @_database_call(retry=True)
     def schema_version(self) -> str | None:
         with self.engine.connect() as connection:
             context = MigrationContext.configure(connection, opts={"version_table": "lethe_ledger_version"})
@@ -197,6 +244,7 @@ class Ledger:
             "reason": reason,
         }
 
+    @_database_call(retry=False)
     def ingest(
         self,
         files: Iterable[tuple[str, bytes]],
@@ -334,6 +382,7 @@ class Ledger:
             )
         return row
 
+    @_database_call(retry=True)
     def claim(self, batch_id: str, states: tuple[str, ...] = CLAIMABLE) -> list[LedgerRequest]:
         """Move every request in `states` into this batch, atomically, and return them with any this batch holds
         already (a rerun of the same batch picks up its own requests). A request that repeats what is honored
@@ -439,6 +488,7 @@ class Ledger:
                 [self._event(k, from_state, to_state, batch_id, model_version, reason) for k in part],
             )
 
+    @_database_call(retry=True)
     def _finish(
         self, batch_id: str, to_state: str, model_version=None, reason=None, message=None, where=None, failed=True
     ) -> int:
@@ -463,6 +513,7 @@ class Ledger:
                 )
             return len(keys)
 
+    @_database_call(retry=True)
     def stuck_batches(self, other_than: str) -> list[str]:
         """Batches other than this one that still hold requests in_batch: runs that died before the ledger
         heard their outcome (the DAG runs one batch at a time, so none of them is still running)."""
@@ -484,6 +535,7 @@ class Ledger:
         where = requests_table.c.key.in_(list(request_ids))
         return self._finish(batch_id, "quarantined", reason=reason, message=message, where=where, failed=False)
 
+    @_database_call(retry=True)
     def answered(self, batch_id: str) -> list[dict]:
         """The repeats this batch's claim answered: request id, the original's and the honoring version."""
         with self.engine.connect() as connection:
@@ -509,6 +561,7 @@ class Ledger:
         }
 
     # -- reads ------------------------------------------------------------------------------------
+    @_database_call(retry=True)
     def counts(self) -> dict[str, int]:
         with self.engine.connect() as connection:
             rows = connection.execute(
@@ -517,6 +570,7 @@ class Ledger:
         found = dict(rows)
         return {state: int(found.get(state, 0)) for state in STATES}
 
+    @_database_call(retry=True)
     def history(self, request_id: str) -> dict | None:
         """One request's row and every state change, oldest first (quarantined lines match their request id too)."""
         with self.engine.connect() as connection:
@@ -552,6 +606,7 @@ class Ledger:
                 )
         return {"request_id": request_id, "entries": entries}
 
+    @_database_call(retry=True)
     def honored(self) -> tuple[set[str], dict[str, set[int]]]:
         """What no load of training data may contain: user keys honored at user scope, and per user key the
         items honored at interaction scope."""
@@ -569,6 +624,7 @@ class Ledger:
                     items.setdefault(row.user_key, set()).update(row.item_ids or [])
         return users, items
 
+    @_database_call(retry=True)
     def batch(self, batch_id: str) -> list[LedgerRequest]:
         with self.engine.connect() as connection:
             rows = connection.execute(sa.select(requests_table).where(requests_table.c.batch_id == batch_id)).all()

@@ -191,6 +191,9 @@ class BenchSettings(_Frozen):
 
 class LandingSettings(_Frozen):
     s3_endpoint_url: str | None = None  # null: boto3's own resolution (AWS_ENDPOINT_URL, profile, AWS)
+    s3_connect_timeout_s: float = Field(gt=0.0)
+    s3_read_timeout_s: float = Field(gt=0.0)
+    s3_max_attempts: int = Field(ge=1)
 
 
 class LedgerSettings(_Frozen):
@@ -198,6 +201,9 @@ class LedgerSettings(_Frozen):
     max_failed_nights: int = Field(ge=1)
     max_line_bytes: int = Field(ge=256)
     max_clock_skew_s: float = Field(ge=0.0)
+    connect_timeout_s: int = Field(ge=1)
+    attempts: int = Field(ge=1)
+    retry_backoff_s: float = Field(ge=0.0)
 
 
 class GateSettings(_Frozen):

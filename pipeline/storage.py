@@ -41,14 +41,26 @@ class LocalLanding:
 
 
 class S3Landing:
-    def __init__(self, uri: str, endpoint_url: str | None = None) -> None:
+    def __init__(self, uri: str, settings=None) -> None:
+        """`settings` (params.yaml's `landing`): the endpoint, and how long a call may take and how often it
+        is tried (botocore's standard retry mode) before the ingest fails naming the endpoint."""
         import boto3
+        from botocore.config import Config
 
         parsed = urlparse(uri)
         if not parsed.netloc:
             raise ValueError(f"{uri}: an S3 landing zone is s3://bucket/prefix/")
         self.uri, self.bucket, self.prefix = uri, parsed.netloc, parsed.path.lstrip("/")
-        self.client = boto3.client("s3", endpoint_url=endpoint_url)
+        bounds = {}
+        if settings is not None:
+            bounds = {
+                "connect_timeout": settings.s3_connect_timeout_s,
+                "read_timeout": settings.s3_read_timeout_s,
+                "retries": {"mode": "standard", "total_max_attempts": settings.s3_max_attempts},
+            }
+        endpoint = settings.s3_endpoint_url if settings is not None else None
+        self.client = boto3.client("s3", endpoint_url=endpoint, config=Config(**bounds))
+        self.endpoint = self.client.meta.endpoint_url
 
     def _call(self, action: str, function, **kwargs):
         from botocore.exceptions import BotoCoreError, ClientError
@@ -56,7 +68,10 @@ class S3Landing:
         try:
             return function(**kwargs)
         except (ClientError, BotoCoreError) as error:
-            raise LandingUnavailable(f"{self.uri}: cannot {action}: {' '.join(str(error).split())}") from None
+            reason = " ".join(str(error).split())
+            raise LandingUnavailable(
+                f"S3 landing zone {self.uri} (endpoint {self.endpoint}): cannot {action}: {reason}"
+            ) from None
 
     def uris(self) -> list[str]:
         keys = []
@@ -73,17 +88,18 @@ class S3Landing:
         return response["Body"].read()
 
 
-def landing(source: str | Path, endpoint_url: str | None = None) -> LocalLanding | S3Landing:
+def landing(source: str | Path, settings=None) -> LocalLanding | S3Landing:
+    """`settings`: params.yaml's `landing` (the S3 endpoint and bounds); None: boto3's defaults."""
     text = str(source)
     if text.startswith("s3://"):
-        return S3Landing(text, endpoint_url)
+        return S3Landing(text, settings)
     if "://" in text:
         raise ValueError(f"{text}: a deletion log is a local path or s3://bucket/prefix/")
     return LocalLanding(text)
 
 
-def read_logs(source: str | Path, endpoint_url: str | None = None) -> Iterator[LogFile]:
+def read_logs(source: str | Path, settings=None) -> Iterator[LogFile]:
     """Every log file of the source, in name order, one at a time (a large landing zone is not held at once)."""
-    zone = landing(source, endpoint_url)
+    zone = landing(source, settings)
     for uri in zone.uris():
         yield LogFile(uri, zone.read(uri))

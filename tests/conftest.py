@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
@@ -78,6 +79,16 @@ def trained(snapshot, settings):
 @pytest.fixture
 def fresh_model(trained):
     return copy.deepcopy(trained[0])
+
+
+@pytest.fixture(scope="session")
+def template_home(tmp_path_factory) -> Path:
+    """The end-to-end tests' starting home (tests/e2e.py), built once for all pytest-xdist workers: each
+    worker's basetemp is a child of the session's."""
+    from tests.e2e import build_template
+
+    base = tmp_path_factory.getbasetemp()
+    return build_template(base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base)
 
 
 def with_unlearn(settings: Settings, **changes) -> Settings:

@@ -12,8 +12,13 @@ import boto3
 import pytest
 import sqlalchemy as sa
 
+from pipeline.settings import LandingSettings, load_settings
 from pipeline.storage import LandingUnavailable, read_logs
 from tests.conftest import write_params
+
+
+def bounded(endpoint: str) -> LandingSettings:
+    return LandingSettings(s3_endpoint_url=endpoint, s3_connect_timeout_s=2, s3_read_timeout_s=5, s3_max_attempts=2)
 
 
 def free_port() -> int:
@@ -54,15 +59,15 @@ def test_logs_are_listed_in_name_order_under_the_prefix_only(s3):
     client.put_object(Bucket="deletions", Key="order/a.jsonl", Body=request("a", 1))
     client.put_object(Bucket="deletions", Key="order/readme.txt", Body=b"not a log")
     client.put_object(Bucket="deletions", Key="elsewhere/c.jsonl", Body=request("c", 1))
-    logs = list(read_logs("s3://deletions/order/", endpoint))
+    logs = list(read_logs("s3://deletions/order/", bounded(endpoint)))
     assert [log.uri for log in logs] == ["s3://deletions/order/a.jsonl", "s3://deletions/order/b.jsonl"]
     assert logs[0].content == request("a", 1)
 
 
 def test_a_missing_bucket_is_a_clear_error(s3):
     endpoint, _ = s3
-    with pytest.raises(LandingUnavailable, match="s3://no-such-bucket/x/: cannot list objects"):
-        list(read_logs("s3://no-such-bucket/x/", endpoint))
+    with pytest.raises(LandingUnavailable, match=rf"s3://no-such-bucket/x/ \(endpoint {endpoint}\): cannot list"):
+        list(read_logs("s3://no-such-bucket/x/", bounded(endpoint)))
 
 
 def test_lethe_ingest_reads_s3_records_the_files_and_never_moves_them(s3, tmp_path, snapshot):
@@ -108,11 +113,13 @@ def test_an_unreachable_endpoint_is_a_one_line_error(tmp_path, snapshot, monkeyp
     write_snapshot(snapshot, home / "data" / "snapshot")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     result = subprocess.run(
         [str(Path(sys.executable).with_name("lethe")), "--params", str(params), "--home", str(home),
          "ingest", "s3://deletions/night/"],
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert result.returncode == 2
-    assert result.stderr.strip().count("\n") == 0 and "cannot list objects" in result.stderr
+    endpoint = f"endpoint {load_settings(params).landing.s3_endpoint_url}"
+    assert (
+        result.stderr.strip().count("\n") == 0 and "cannot list objects" in result.stderr and endpoint in result.stderr
+    )
