@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pipeline.evaluate import ATTACKS  # every attack the evaluation runs: each must be measured to pass
 from pipeline.settings import GateSettings
 
 
@@ -34,8 +35,12 @@ def decide(
         )
     if not leakage_auc:
         reasons.append("no leakage measurement: no forgotten user could be scored")
+    else:
+        reasons += [
+            f"no leakage measurement for the {attack} attack" for attack in ATTACKS if attack not in leakage_auc
+        ]
     for attack, value in sorted(leakage_auc.items()):
-        if not settings.min_leakage_auc <= value <= settings.max_leakage_auc:
+        if not settings.min_leakage_auc <= value <= settings.max_leakage_auc:  # NaN is outside any band
             reasons.append(
                 f"MIA AUC ({attack}) {value:.3f} is outside the leakage band "
                 f"[{settings.min_leakage_auc}, {settings.max_leakage_auc}]"

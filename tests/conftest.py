@@ -21,7 +21,7 @@ torch.set_num_threads(2)
 # 5-10 minutes each (one Python process per DAG step); started late, one of them would hold up the whole run, so
 # they go first, one per worker, and the shorter long files (a few minutes) last, for whichever worker frees up
 # first. --no-loadscope-reorder keeps this order instead of ordering files by how many tests they hold.
-LONGEST_FIRST = ("test_e2e.py", "test_e2e_recovery.py", "test_e2e_fallback.py")
+LONGEST_FIRST = ("test_e2e_recovery.py", "test_e2e.py", "test_e2e_fallback.py", "test_e2e_servers.py")
 LONG_LAST = ("test_bench.py", "test_dvc.py")
 
 

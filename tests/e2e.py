@@ -9,6 +9,7 @@ template is never written to after it is built.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -17,11 +18,17 @@ import sys
 from pathlib import Path
 
 import mlflow
+import pytest
 from filelock import FileLock
 
 from tests.conftest import tiny_params, write_params
 
 MODEL = "lethe-recommender"
+# Verdicts forced by params, so that a test knows what it must find: an NDCG floor of 1% of the champion's and
+# a leakage band of [0, 1] pass any candidate that ranks at all.
+PASS = {"gate.max_ndcg_drop": 0.99, "gate.min_leakage_auc": 0.0, "gate.max_leakage_auc": 1.0}
+# A cheap night for tests about what survives a kill or a lost server, not about how well the model forgets.
+CHEAP = {**PASS, "unlearn.max_steps": 4, "eval.bootstrap_samples": 100, "circuits.retain_windows": 64}
 LETHE = str(Path(sys.executable).with_name("lethe"))
 
 
@@ -35,6 +42,7 @@ def environment(home: Path, params: Path, **extra: str) -> dict[str, str]:
 
 
 def lethe(home: Path, params: Path, *args: str, timeout: float = 900, **extra: str) -> subprocess.CompletedProcess:
+    """`lethe ARGS` as its own process group (session): a crash hook kills that group, never pytest."""
     return subprocess.run(
         [LETHE, *args],
         env=environment(home, params, **extra),
@@ -42,6 +50,7 @@ def lethe(home: Path, params: Path, *args: str, timeout: float = 900, **extra: s
         text=True,
         timeout=timeout,
         check=False,
+        start_new_session=True,
     )
 
 
@@ -77,6 +86,8 @@ def build_template(root: Path) -> Path:
             (home / "airflow" / "airflow.cfg").unlink()  # it names this folder; each home writes its own
             shutil.rmtree(home / "airflow" / "logs", ignore_errors=True)
             (home / "airflow" / ".migrated").write_text("template")
+            for name in ("ledger.db", "ledger.db-wal", "ledger.db-shm"):  # prepare looked for honored requests
+                (home / name).unlink(missing_ok=True)
             template.parent.mkdir(parents=True, exist_ok=True)
             home.rename(template)
     return template
@@ -154,3 +165,99 @@ def tiny_settings():
     from pipeline.settings import Settings
 
     return Settings.model_validate(tiny_params())
+
+
+POSTGRES = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+
+
+def require_postgres() -> None:
+    """The PostgreSQL server this machine runs at 127.0.0.1:5432. In CI (CI set) a missing server fails the
+    test, since .ci/run starts it; elsewhere the test is skipped with the reason."""
+    import sqlalchemy as sa
+
+    try:
+        with sa.create_engine(POSTGRES, connect_args={"connect_timeout": 3}).connect():
+            return
+    except sa.exc.OperationalError as error:
+        message = f"no PostgreSQL server answers at {POSTGRES}: {' '.join(str(error.orig).split())[:200]}"
+    if os.environ.get("CI"):
+        pytest.fail(f"{message} (CI must have one: .ci/run starts it)")
+    pytest.skip(message)
+
+
+def postgres_schema_url(host_port: str = "127.0.0.1:5432") -> str:
+    """A fresh schema in the test database (every test starts from an empty ledger), reached at `host_port`."""
+    import uuid
+
+    import sqlalchemy as sa
+
+    schema = f"lethe_{uuid.uuid4().hex[:12]}"
+    with sa.create_engine(POSTGRES).begin() as connection:
+        connection.execute(sa.text(f"CREATE SCHEMA {schema}"))
+    return f"postgresql+psycopg2://postgres@{host_port}/test?options=-csearch_path%3D{schema}"
+
+
+class Relay:
+    """A TCP relay from a loopback port to a server: `stop()` takes the server away for whoever reaches it
+    through the relay (the port refuses, every open connection is cut); `start()` brings it back, same port."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        import socket
+
+        self.target, self.connections, self.listener = target, [], None
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+
+    def start(self) -> Relay:
+        import socket
+        import threading
+
+        self.listener = socket.create_server(("127.0.0.1", self.port), reuse_port=False)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+        return self
+
+    def _accept(self, listener) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client_side, _ = listener.accept()
+            except OSError:
+                return  # stopped
+            try:
+                server_side = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client_side.close()
+                continue
+            self.connections += [client_side, server_side]
+            for source, sink in ((client_side, server_side), (server_side, client_side)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source, sink) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                with contextlib.suppress(OSError):
+                    end.close()
+
+    def stop(self) -> None:
+        import socket
+
+        if self.listener is not None:
+            with contextlib.suppress(OSError):
+                self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() blocked on it: no late client
+            self.listener.close()
+            self.listener = None
+        for connection in self.connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+                connection.close()
+        self.connections = []

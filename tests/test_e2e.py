@@ -12,13 +12,10 @@ import pandas as pd
 import pytest
 
 from pipeline.data import read_snapshot
-from tests.e2e import MODEL, check_books, ledger_json, lethe, new_home, ran, request_line
+from tests.e2e import MODEL, PASS, check_books, ledger_json, lethe, new_home, ran, request_line
 
 pytestmark = pytest.mark.e2e
-# The verdict is forced by params, so that every test below knows what it must find: an NDCG floor of 1% of
-# the champion's and a leakage band of [0, 1] pass any candidate that ranks at all (the rejected verdict is
-# forced in test_e2e_fallback.py).
-PASS = {"gate.max_ndcg_drop": 0.99, "gate.min_leakage_auc": 0.0, "gate.max_leakage_auc": 1.0}
+# The verdict is forced to pass (tests.e2e.PASS); the rejected verdict is forced in test_e2e_fallback.py.
 
 
 @pytest.fixture(scope="module")

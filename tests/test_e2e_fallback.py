@@ -1,55 +1,110 @@
-"""When requests keep failing the gate, for real: after `ledger.max_failed_nights` rejected nights the DAG's
-fallback retrains from scratch on the retain data. Nothing lost, nothing honored twice, and the ledger agrees
-with the registry."""
+"""Verdicts forced both ways, for real, and what no later load of training data may contain.
+
+Night 1 honors two users (the verdict forced to pass). Night 2's verdict is forced to reject (one warm-up step
+of unlearning leaves every attack far above the band): tags, alias, ledger and summary say so, and with
+`ledger.max_failed_nights` 1 its requests need a retrain. Night 3 is the DAG's fallback, a retrain from
+scratch, which passes. After it: the retrain, a fresh `lethe train` and `dvc repro` each read the data
+without every honored row, checked on the content hash each one recorded of the data it read."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
-import mlflow
+import numpy as np
 import pytest
 
-from tests.conftest import write_params
-from tests.test_e2e import MODEL, lethe
-from tests.test_e2e_recovery import ledger_json
+from pipeline.data import content_hash, read_snapshot
+from tests.conftest import REPO, write_params
+from tests.e2e import MODEL, PASS, check_books, client, environment, ledger_json, lethe, new_home, ran, request_line
 
 pytestmark = pytest.mark.e2e
+REJECT = {"unlearn.max_steps": 1}  # one warm-up step moves no attack into the gate's [0.40, 0.60]
+COMMON = {"ledger.max_failed_nights": 1, "unlearn.eval_every": 1}
 
 
-def test_requests_that_keep_failing_the_gate_get_a_retrain_from_scratch(tmp_path):
-    home = tmp_path / ".lethe"
-    params = write_params(
-        tmp_path / "params.yaml",
-        **{
-            "ledger.max_failed_nights": 1,
-            "nightly.sample_users": 2,
-            "gate.max_ndcg_drop": 0.0,  # no loss at all, and an AUC within 0.01 of 0.5: nights get rejected
-            "gate.min_leakage_auc": 0.49,
-            "gate.max_leakage_auc": 0.51,
-        },
-    )
-    log = tmp_path / "sample.jsonl"
-    assert lethe(home, params, "sample-log", "--out", str(log)).returncode == 0
-    request_ids = [json.loads(line)["request_id"] for line in log.read_text().splitlines()]
-    first = lethe(home, params, "nightly", "--deletion-log", str(log), "--batch-id", "night-1")
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    summary = json.loads((home / "batches" / "night-1" / "summary.json").read_text())
-    assert summary["gate"] == "rejected" and summary["requests_needs_retrain"] == 2
-    assert ledger_json(home, params, "status")["needs_retrain"] == 2
+def without(frame, users) -> str:
+    """The content hash of the snapshot's rows without these users: what a step may read after they went."""
+    return content_hash(frame[~frame.user_id.isin(users)])
 
-    second = lethe(home, params, "nightly", "--deletion-log", str(log), "--batch-id", "night-2")
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    batch = home / "batches" / "night-2"
-    summary = json.loads((batch / "summary.json").read_text())
-    assert sorted(summary["retrain_fallback"]) == sorted(request_ids)
-    assert json.loads((batch / "unlearn.json").read_text())["method"] == "retrain"
-    assert not (batch / "drift.json").exists()  # the fallback skips the circuit branch
+
+def test_verdicts_forced_both_ways_and_the_retrain_and_later_loads_never_read_what_was_forgotten(
+    tmp_path, template_home
+):
+    home, passing = new_home(template_home, tmp_path, **COMMON, **PASS)
+    rejecting = write_params(tmp_path / "reject.yaml", **COMMON, **REJECT)
+    raw = read_snapshot(home / "data" / "snapshot").interactions
+    members = np.random.default_rng(3).choice(read_snapshot(home / "data" / "snapshot").members, 4, replace=False)
+    first, second = [int(u) for u in members[:2]], [int(u) for u in members[2:]]
+
+    def night(batch: str, params: Path, users: list[int]) -> dict:
+        log = tmp_path / f"{batch}.jsonl"
+        log.write_text("".join(request_line(f"{batch}-{n}", user) for n, user in enumerate(users)))
+        ran(lethe(home, params, "nightly", "--deletion-log", str(log), "--batch-id", batch))
+        return json.loads((home / "batches" / batch / "summary.json").read_text())
+
+    honored = night("night-1", passing, first)
+    assert honored["gate"] == "passed" and honored["requests_honored"] == 2 and honored["model_version"] == 2
+
+    rejected = night("night-2", rejecting, second)
+    registry = client(home)
+    version = registry.get_model_version(MODEL, str(rejected["model_version"]))
+    assert rejected["gate"] == "rejected" and rejected["requests_honored"] == 0
+    assert rejected["requests_needs_retrain"] == 2 and rejected["requests_pending"] == 0
+    assert any("outside the leakage band" in reason for reason in rejected["gate_reasons"])
+    assert version.tags["gate"] == "rejected" and "outside the leakage band" in version.tags["gate.reasons"]
+    assert str(registry.get_model_version_by_alias(MODEL, "champion").version) == "2"  # the alias stayed
+    status = ledger_json(home, passing, "status")
+    assert (status["honored"], status["needs_retrain"], status["in_batch"]) == (2, 2, 0)
+    entry = ledger_json(home, passing, "show", "night-2-0")["entries"][0]
+    assert entry["reason"] == "gate_rejected" and entry["failed_nights"] == 1 and entry["model_version"] is None
+
+    retrained = night("night-3", passing, [])  # nothing new: the requests that need a retrain are the batch
+    batch = home / "batches" / "night-3"
+    assert sorted(retrained["retrain_fallback"]) == ["night-2-0", "night-2-1"]
+    unlearned = json.loads((batch / "unlearn.json").read_text())
+    assert unlearned["method"] == "retrain" and not (batch / "drift.json").exists()  # no circuit branch
     assert "retrained from scratch for" in (batch / "report.html").read_text()
-    mlflow.set_tracking_uri(f"sqlite:///{home / 'mlflow.db'}")
-    version = mlflow.MlflowClient().get_model_version(MODEL, str(summary["model_version"]))
-    assert version.tags["lethe.method"] == "retrain" and version.tags["lethe.batch_id"] == "night-2"
-    entry = ledger_json(home, params, "show", request_ids[0])["entries"][0]
-    if summary["gate"] == "passed":  # the retrained model may well clear a gate the unlearned one did not
-        assert entry["state"] == "honored" and entry["model_version"] == str(summary["model_version"])
-    else:
-        assert [e["to_state"] for e in entry["events"]][-2:] == ["in_batch", "needs_retrain"]
+    assert retrained["gate"] == "passed" and retrained["model_version"] == 4
+    version = client(home).get_model_version(MODEL, "4")
+    assert version.tags["lethe.method"] == "retrain" and version.tags["lethe.batch_id"] == "night-3"
+    entries = check_books(home, passing, ["night-1-0", "night-1-1", "night-2-0", "night-2-1"])
+    assert {e["model_version"] for e in entries.values()} == {"2", "4"}
+
+    # No resurrection, checked on what each step read. The retrain read the data without night 1's users
+    # (night 2's were its forget set, taken out of what it fitted on by the split: tests/test_unlearn.py).
+    candidate = json.loads((batch / "candidate" / "lethe_model.json").read_text())
+    assert candidate["snapshot_hash"] == without(raw, first) != content_hash(raw)
+    # A fresh base training after it reads the data without anyone honored.
+    command = [
+        sys.executable,
+        "-m",
+        "components.train",
+        "--params",
+        str(passing),
+        "--out",
+        str(tmp_path / "fresh-base"),
+    ]
+    result = subprocess.run(command, env=environment(home, passing), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    fresh = json.loads((tmp_path / "fresh-base" / "lethe_model.json").read_text())
+    assert fresh["snapshot_hash"] == without(raw, first + second)
+    # So does `dvc repro` of the stages that build training data, from the raw ratings up, on this ledger.
+    workspace = tmp_path / "dvc"
+    workspace.mkdir()
+    shutil.copy(REPO / "dvc.yaml", workspace / "dvc.yaml")
+    shutil.copy(passing, workspace / "params.yaml")
+    dvc = [str(Path(sys.executable).with_name("dvc"))]
+    env = environment(home, workspace / "params.yaml", DVC_NO_ANALYTICS="1")
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    for args in (["init", "--no-scm"], ["repro", "train"]):
+        result = subprocess.run(dvc + args, cwd=workspace, env=env, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    prepared = read_snapshot(workspace / "data" / "snapshot")
+    assert not set(first + second) & set(prepared.interactions.user_id)
+    assert prepared.manifest["content_hash"] == content_hash(prepared.interactions)
+    trained = json.loads((workspace / "models" / "base" / "lethe_model.json").read_text())
+    assert trained["snapshot_hash"] == prepared.manifest["content_hash"]

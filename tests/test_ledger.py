@@ -6,7 +6,6 @@ import hashlib
 import hmac
 import json
 import multiprocessing
-import uuid
 from datetime import UTC, datetime
 from functools import partial
 
@@ -17,33 +16,16 @@ from pipeline.contracts import DeletionLogContract
 from pipeline.ledger import STATES, Ledger
 from pipeline.pii import DEVELOPMENT_KEY, PiiKeyMissing, user_key
 from pipeline.requests import parse_lines
+from tests.e2e import postgres_schema_url, require_postgres
 
 parse_file = partial(parse_lines, max_line_bytes=65536)
-POSTGRES = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
-
-
-def postgres_available() -> bool:
-    try:
-        with sa.create_engine(POSTGRES, connect_args={"connect_timeout": 3}).connect():
-            return True
-    except sa.exc.OperationalError:
-        return False
-
-
-def postgres_schema_url() -> str:
-    """A fresh schema in the test database, so that every test starts from an empty ledger."""
-    schema = f"lethe_{uuid.uuid4().hex[:12]}"
-    with sa.create_engine(POSTGRES).begin() as connection:
-        connection.execute(sa.text(f"CREATE SCHEMA {schema}"))
-    return f"{POSTGRES}?options=-csearch_path%3D{schema}"
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def ledger_url(request, tmp_path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'ledger.db'}"
-    if not postgres_available():
-        pytest.skip(f"no PostgreSQL server answers at {POSTGRES}: the PostgreSQL ledger tests need one")
+    require_postgres()  # skips with the reason outside CI; fails in CI
     return postgres_schema_url()
 
 
