@@ -61,15 +61,16 @@ def ensure_airflow(home: Home, env: dict[str, str]) -> None:
 
 def ensure_champion(settings: Settings, home: Home, params: Path) -> str:
     """Prepare data, train and register the base model when the registry has no champion yet."""
-    import mlflow
-
-    from components.train import ensure_base_model
     from pipeline.registry import Registry
 
     registry = Registry(home, settings.mlflow)
     existing = registry.champion()
     if existing is not None:
         return existing.version
+    import mlflow
+
+    from components.train import ensure_base_model  # torch and transformers: only when there is work
+
     ensure_base_model(params, home, settings)
     report = json.loads((home.base_model / "train.json").read_text())
     with mlflow.start_run(run_name="base-model", tags={"lethe.lineage": "base"}):
