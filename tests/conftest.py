@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 from pathlib import Path
 
@@ -69,11 +70,15 @@ def snapshot(ratings, settings):
 
 
 @pytest.fixture(scope="session")
-def trained(snapshot, settings):
-    """A base model trained on the tiny config, with its training report (read-only: copy to mutate)."""
-    from pipeline.train import train_base
+def trained(snapshot, template_home):
+    """The base model of the tiny config with its training report (read-only: copy to mutate): the one the
+    end-to-end template trained with `lethe train` on this same snapshot, the same weights to the bit as
+    training here (checked 2026-12-06), so every worker loads it instead of training its own."""
+    from pipeline.model import load_model
 
-    return train_base(snapshot, settings, progress=False)
+    model, meta = load_model(template_home / "models" / "base")
+    assert meta["snapshot_hash"] == snapshot.manifest["content_hash"], "the template was built on other data"
+    return model, json.loads((template_home / "models" / "base" / "train.json").read_text())
 
 
 @pytest.fixture

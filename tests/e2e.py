@@ -103,6 +103,13 @@ def new_home(template: Path, folder: Path, **overrides) -> tuple[Path, Path]:
     return home, write_params(folder / "params.yaml", **overrides)
 
 
+def with_base(template: Path, home: Path) -> Path:
+    """A LETHE_HOME holding only the template's snapshot and base model (what `lethe bench` starts from)."""
+    for part in ("data", "models"):
+        shutil.copytree(template / part, home / part)
+    return home
+
+
 def client(home: Path) -> mlflow.MlflowClient:
     return mlflow.MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
 

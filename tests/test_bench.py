@@ -11,6 +11,7 @@ from components import bench
 from pipeline.bench import ROW_KEYS, Setting, acceptance, acceptance_table, choose, grid, jensen_shannon, summarise
 from pipeline.settings import Settings
 from tests.conftest import tiny_params, write_params
+from tests.e2e import with_base
 
 pytestmark = pytest.mark.e2e
 
@@ -24,9 +25,9 @@ def test_jensen_shannon_on_known_distributions():
     assert jensen_shannon(*disjoint) == pytest.approx(1.0)
 
 
-def test_quick_benchmark_writes_rows_table_plot_and_runs(tmp_path, monkeypatch):
+def test_quick_benchmark_writes_rows_table_plot_and_runs(tmp_path, monkeypatch, template_home):
     params = write_params(tmp_path / "params.yaml")
-    home, out = tmp_path / ".lethe", tmp_path / "results"
+    home, out = with_base(template_home, tmp_path / ".lethe"), tmp_path / "results"  # the base, trained once
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     result = bench.main(["--params", str(params), "--home", str(home), "--quick", "--out", str(out)])
 
@@ -297,7 +298,7 @@ def test_grid_runs_the_judged_batch_on_the_extra_seeds_too():
     assert grid(bench_settings, quick=True) == [(Setting("user", bench_settings.quick_rate), bench_settings.seeds[:1])]
 
 
-def test_tuning_runs_every_variant_on_the_tuning_seeds_only(tmp_path, monkeypatch):
+def test_tuning_runs_every_variant_on_the_tuning_seeds_only(tmp_path, monkeypatch, template_home):
     params = write_params(
         tmp_path / "params.yaml",
         **{
@@ -312,7 +313,7 @@ def test_tuning_runs_every_variant_on_the_tuning_seeds_only(tmp_path, monkeypatc
             "unlearn.max_steps": 10,
         },
     )
-    home, out = tmp_path / ".lethe", tmp_path / "results"
+    home, out = with_base(template_home, tmp_path / ".lethe"), tmp_path / "results"
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     result = bench.main(["--params", str(params), "--home", str(home), "--tuning", "--out", str(out)])
 

@@ -3,6 +3,7 @@ MLflow records the batch, and the registry holds the gated candidate."""
 
 import json
 import re
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -130,28 +131,26 @@ def test_the_champion_serves_recommendations_without_seen_items(workspace):
     assert set(np.concatenate(out["recommended"].to_numpy())) <= set(snapshot.items.item_id)
 
 
-def test_a_log_with_no_valid_request_short_circuits_and_says_so(workspace):
-    log = workspace["root"] / "bad-only.jsonl"
-    log.write_text('{"not json\n')
-    client = mlflow.MlflowClient()
-    versions_before = len(client.search_model_versions(f"name='{MODEL}'"))
-    run = lethe(workspace["home"], workspace["params"], "nightly", "--deletion-log", str(log), "--batch-id", "empty")
-    assert run.returncode == 0, run.stderr[-3000:]
-    summary = json.loads((workspace["home"] / "batches" / "empty" / "summary.json").read_text())
-    assert summary["gate"] == "skipped" and summary["model_version"] is None
-    assert summary["requests_rejected"] == 1
+def test_a_night_with_nothing_new_short_circuits_and_changes_nothing_but_the_quarantine(workspace):
+    """One night, two ways of having nothing to unlearn: the first night's log again (skipped whole by its
+    content hash: eight duplicates) and a file whose only line is not a request (quarantined). The DAG
+    short-circuits to the report, says so, registers nothing, and the ledger gains the quarantined line only."""
+    home, params = workspace["home"], workspace["params"]
+    before = ledger_json(home, params, "status")
+    landing = workspace["root"] / "landing"
+    landing.mkdir()
+    shutil.copy(workspace["log"], landing / "a-again.jsonl")
+    (landing / "b-bad-only.jsonl").write_text('{"not json\n')
+    versions_before = len(mlflow.MlflowClient().search_model_versions(f"name='{MODEL}'"))
+    run = ran(lethe(home, params, "nightly", "--deletion-log", str(landing), "--batch-id", "nothing-new"))
+    summary = json.loads((home / "batches" / "nothing-new" / "summary.json").read_text())
+    assert summary["gate"] == "skipped" and summary["model_version"] is None and summary["requests_claimed"] == 0
+    assert (summary["requests_total"], summary["requests_duplicate"], summary["requests_rejected"]) == (1, 8, 1)
+    assert summary["rejections"][0]["reason"] == "malformed_json"
     assert "no new valid requests" in run.stdout
-    assert len(client.search_model_versions(f"name='{MODEL}'")) == versions_before
-
-
-def test_the_same_log_again_changes_nothing(workspace):
-    before = json.loads(lethe(workspace["home"], workspace["params"], "ledger", "status").stdout)
-    home, params, log = workspace["home"], workspace["params"], str(workspace["log"])
-    run = lethe(home, params, "nightly", "--deletion-log", log, "--batch-id", "again")
-    assert run.returncode == 0, run.stderr[-3000:]
-    summary = json.loads((workspace["home"] / "batches" / "again" / "summary.json").read_text())
-    assert summary["requests_total"] == 0 and summary["requests_duplicate"] == 8 and summary["gate"] == "skipped"
-    assert json.loads(lethe(workspace["home"], workspace["params"], "ledger", "status").stdout) == before
+    assert not (home / "batches" / "nothing-new" / "split.json").exists()
+    assert len(mlflow.MlflowClient().search_model_versions(f"name='{MODEL}'")) == versions_before
+    assert ledger_json(home, params, "status") == {**before, "quarantined": before["quarantined"] + 1}
 
 
 def test_a_person_forgotten_asks_again_and_the_next_batch_goes_on(workspace):
@@ -280,8 +279,6 @@ def test_no_raw_id_of_anyone_who_entered_the_ledger_is_kept_outside_the_data(wor
     assert scan_for_raw_ids(home, ids) == []
 
     planted = workspace["root"] / "planted"  # the scan's own test: the same scan over a copy with planted ids
-    import shutil
-
     shutil.copytree(home, planted, ignore=shutil.ignore_patterns("*.parquet", "airflow"))
     report = next(planted.glob("mlartifacts/**/report.html"))
     report.write_text(report.read_text() + f"<p>{workspace['sample'][1]}</p>")
