@@ -21,7 +21,7 @@ import mlflow
 import pytest
 from filelock import FileLock
 
-from tests.conftest import tiny_params, write_params
+from tests.conftest import write_params
 
 MODEL = "lethe-recommender"
 # Verdicts forced by params, so that a test knows what it must find: an NDCG floor of 1% of the champion's and
@@ -166,12 +166,6 @@ def request_line(request_id: str, user_id: int, scope: str = "user", items=None)
     if items is not None:
         payload["item_ids"] = [int(i) for i in items]
     return json.dumps(payload) + "\n"
-
-
-def tiny_settings():
-    from pipeline.settings import Settings
-
-    return Settings.model_validate(tiny_params())
 
 
 POSTGRES = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
