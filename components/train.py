@@ -6,9 +6,8 @@ import json
 from pathlib import Path
 
 from components._common import context, entry_point, load_snapshot, parser, read_manifest, write_manifest
-from pipeline.model import META_FILE, RECIPE, model_meta, recipe_hash, save_model
+from pipeline.recipe import META_FILE, RECIPE, model_meta, recipe_hash
 from pipeline.settings import Home, Settings
-from pipeline.train import train_base
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -16,6 +15,9 @@ def main(argv: list[str] | None = None) -> dict:
     cli.add_argument("--snapshot", type=Path, default=None, help="data snapshot folder (default: under home)")
     cli.add_argument("--out", type=Path, default=None, help="model folder (default: under home)")
     args = cli.parse_args(argv)
+    from pipeline.model import save_model  # torch: only when there is a model to train
+    from pipeline.train import train_base
+
     settings, home = context(args)
     snapshot = load_snapshot(args, home, settings)  # without anything the ledger holds as honored
     out = args.out or home.base_model

@@ -12,9 +12,8 @@ import numpy as np
 import torch
 
 from pipeline.data import FIRST_ITEM_TOKEN
+from pipeline.gate import ATTACKS
 from pipeline.model import PositionStats
-
-ATTACKS = ("loss", "mink", "minkpp")
 
 
 def ranks_of_targets(scores: torch.Tensor, targets: list[int], seen: list[list[int]]) -> np.ndarray:

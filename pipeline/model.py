@@ -6,7 +6,6 @@ It reads a user's history and scores every item for the next position. Everythin
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,12 +15,11 @@ import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from pipeline.data import BOS_TOKEN, FIRST_ITEM_TOKEN, PAD_TOKEN, Snapshot
-from pipeline.settings import ModelSettings, Settings
+from pipeline.data import BOS_TOKEN, FIRST_ITEM_TOKEN, PAD_TOKEN
+from pipeline.recipe import META_FILE
+from pipeline.settings import ModelSettings
 
 IGNORE = -100
-META_FILE = "lethe_model.json"
-RECIPE = ("data", "model", "train")  # the settings sections a trained model depends on
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -49,26 +47,6 @@ def build_model(n_tokens: int, settings: ModelSettings, seed: int) -> LlamaForCa
         use_cache=False,
     )
     return LlamaForCausalLM(config)
-
-
-def recipe_hash(settings: Settings) -> str:
-    """What decides a trained model's weights besides the data snapshot: the seed and the data, model and
-    train settings (on one kind of processor: another rounds floats otherwise)."""
-    recipe = {"seed": settings.seed, **{part: getattr(settings, part).model_dump(mode="json") for part in RECIPE}}
-    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
-
-
-def model_meta(snapshot: Snapshot, settings: Settings, lineage: str) -> dict:
-    """What serving and the auditor need to know about a saved model."""
-    return {
-        "lineage": lineage,
-        "recipe": recipe_hash(settings),
-        "backbone": settings.model.backbone,
-        "max_len": settings.model.max_len,
-        "snapshot_hash": snapshot.manifest["content_hash"],
-        "seed": settings.seed,
-        "item_tokens": {str(item): token for item, token in snapshot.item_to_token().items()},
-    }
 
 
 def save_model(model: LlamaForCausalLM, directory: Path, meta: dict) -> None:

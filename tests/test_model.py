@@ -16,13 +16,13 @@ from pipeline.model import (
     build_model,
     load_model,
     make_windows,
-    model_meta,
     next_item_logits,
     position_stats,
     save_model,
     window_loss,
     window_nll,
 )
+from pipeline.recipe import model_meta
 from pipeline.train import learning_rate_factor
 
 

@@ -54,8 +54,17 @@ def test_the_split_contract_catches_a_leaked_user_a_lost_row_and_a_twice_seen_in
     split = build_split(snapshot, requests)
     leaked = split.copy()
     leaked.loc[leaked[leaked.user_id == user].index[0], "role"] = "retain"
-    with pytest.raises(ContractViolation, match="must_forget.*1 rows.*whole_user.*1 rows"):
+    with pytest.raises(ContractViolation) as violation:
         check_split(leaked, requests, len(snapshot.interactions))
+    assert "column_A=must_forget, column_B=forgotten): 1 rows" in str(violation.value)
+    assert "column=role, where whole_user == True): 1 rows" in str(violation.value)
+    stranger = [request("s", snapshot.non_members[0], scope="user")]  # excluded, not forgotten: no member row
+    kept = build_split(snapshot, stranger)
+    kept.loc[kept[kept.user_id == snapshot.non_members[0]].index[0], "role"] = "non_member"
+    with pytest.raises(
+        ContractViolation, match=r"the split broke its contract: [^;]*where whole_user == True\): 1 rows$"
+    ):
+        check_split(kept, stranger, len(snapshot.interactions))
     with pytest.raises(ContractViolation, match="expect_table_row_count_to_equal"):
         check_split(split.iloc[1:], requests, len(snapshot.interactions))
     with pytest.raises(ContractViolation, match="expect_compound_columns_to_be_unique"):
