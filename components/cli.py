@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.settings import Home, Settings, SettingsError, default_params_path, load_settings
+from pipeline.settings import STEPS, Home, Settings, SettingsError, default_params_path, load_settings
 
 DAGS_FOLDER = Path(__file__).resolve().parent.parent / "dags"
 DAG_ID = "nightly_forgetting"
@@ -204,6 +204,30 @@ def ledger_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def k8s_command(args: argparse.Namespace) -> int:
+    import yaml
+
+    from components.pods import cluster_objects, render, step_pod
+
+    settings = load_settings(args.params)
+    if args.k8s_command == "write":
+        args.folder.mkdir(parents=True, exist_ok=True)
+        for name, objects in cluster_objects(settings).items():
+            text = yaml.safe_dump_all([render(obj) for obj in objects], sort_keys=False)
+            (args.folder / name).write_text(
+                f"# Written by `lethe k8s write` from params.yaml: edit params.yaml, not this.\n{text}"
+            )
+            print(f"lethe: wrote {args.folder / name}")
+        return 0
+    landing = args.deletion_log or f"{settings.kubernetes.home_mount}/landing"
+    steps = [args.step] if args.step else list(STEPS)
+    objects = [render(step_pod(step, settings, args.batch_id, landing)) for step in steps]
+    if not args.step:
+        objects += [render(obj) for group in cluster_objects(settings).values() for obj in group]
+    print(yaml.safe_dump_all(objects, sort_keys=False), end="")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     cli = argparse.ArgumentParser(
         prog="lethe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -233,8 +257,18 @@ def main(argv: list[str] | None = None) -> None:
     book_commands.add_parser("status", help="requests by state, as JSON")
     show = book_commands.add_parser("show", help="one request's history, as JSON")
     show.add_argument("request_id")
+    kube = commands.add_parser("k8s", help="the Kubernetes objects of `nightly.executor: kubernetes`, as YAML")
+    kube_commands = kube.add_subparsers(dest="k8s_command", required=True)
+    render = kube_commands.add_parser("render", help="print the step pods and the cluster objects")
+    render.add_argument("--step", choices=STEPS, default=None, help="only this step's pod")
+    render.add_argument("--batch-id", default="<batch-id>", help="the batch the pods run (default: a placeholder)")
+    render.add_argument("--deletion-log", default=None, help="the ingest pod's log (default: the volume's landing)")
+    write = kube_commands.add_parser("write", help="write the cluster objects into a folder (infra/k8s)")
+    write.add_argument("folder", type=Path)
     args = cli.parse_args(argv)
     try:
+        if args.command == "k8s":
+            sys.exit(k8s_command(args))
         if args.command == "ingest":
             sys.exit(ingest(args))
         if args.command == "ledger":

@@ -225,6 +225,62 @@ class MlflowSettings(_Frozen):
 class NightlySettings(_Frozen):
     sample_users: int = Field(ge=1)
     schedule: str = Field(min_length=1)
+    executor: Literal["local", "kubernetes"] = "local"
+
+
+class PodResources(_Frozen):
+    cpu: str = Field(min_length=1)
+    memory: str = Field(min_length=1)
+    cpu_limit: str = Field(min_length=1)
+    memory_limit: str = Field(min_length=1)
+    gpus: int = Field(ge=0)
+
+
+class Toleration(_Frozen):
+    key: str
+    operator: Literal["Exists", "Equal"]
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+
+
+STEPS = ("ingest", "claim", "split", "drift", "extract_circuits", "unlearn", "retrain", "evaluate", "gate", "report")
+
+
+class KubernetesSettings(_Frozen):
+    namespace: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    service_account: str = Field(min_length=1)
+    launcher_account: str = Field(min_length=1)
+    images: dict[Literal["cpu", "gpu"], str]
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"]
+    home_claim: str = Field(min_length=1)
+    home_size: str = Field(min_length=1)
+    home_storage_class: str | None = None
+    home_mount: str = Field(pattern=r"^/")
+    params_config_map: str = Field(min_length=1)
+    secret: str = Field(min_length=1)
+    secret_env: tuple[str, ...]
+    secret_env_optional: tuple[str, ...] = ()
+    gpu_steps: tuple[str, ...]
+    resources: dict[Literal["cpu", "gpu"], PodResources]
+    gpu_node_selector: dict[str, str]
+    gpu_tolerations: tuple[Toleration, ...]
+    get_logs: bool
+    on_finish_action: Literal["delete_pod", "delete_succeeded_pod", "keep_pod"]
+    startup_timeout_s: int = Field(ge=1)
+    retries: int = Field(ge=0)
+    retry_delay_s: float = Field(ge=0.0)
+    run_as_user: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _known_steps(self) -> KubernetesSettings:
+        if unknown := set(self.gpu_steps) - set(STEPS):
+            raise ValueError(f"gpu_steps: unknown steps {sorted(unknown)}; the steps are {list(STEPS)}")
+        if set(self.images) != {"cpu", "gpu"} or set(self.resources) != {"cpu", "gpu"}:
+            raise ValueError("images and resources each need a cpu and a gpu entry")
+        return self
+
+    def kind(self, step: str) -> Literal["cpu", "gpu"]:
+        return "gpu" if step in self.gpu_steps else "cpu"
 
 
 class Settings(_Frozen):
@@ -241,6 +297,7 @@ class Settings(_Frozen):
     landing: LandingSettings
     mlflow: MlflowSettings
     nightly: NightlySettings
+    kubernetes: KubernetesSettings
 
     @model_validator(mode="after")
     def _bench_unlearn_is_valid(self) -> Settings:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 
+import pipeline.train
 from components import prepare, train
 from components._common import load_snapshot
 from pipeline.contracts import DeletionLogContract
@@ -62,14 +63,14 @@ def test_a_retrain_after_a_deletion_never_sees_what_was_forgotten(tmp_path, monk
 
     # base training (and so a retrain from scratch): capture exactly what the model is fitted on
     seen = {}
-    real = train.train_base
+    real = pipeline.train.train_base  # components.train imports it when it runs
 
     def spy(snapshot, settings):
         seen["sequences"] = snapshot.sequences(("train",), snapshot.members)
         seen["items"] = snapshot.item_to_token()
         return real(snapshot, settings)
 
-    monkeypatch.setattr(train, "train_base", spy)
+    monkeypatch.setattr(pipeline.train, "train_base", spy)
     train.main([*common, "--out", str(tmp_path / "model")])
     assert gone not in seen["sequences"]
     tokens = {seen["items"][i] for i in forgotten_items if i in seen["items"]}

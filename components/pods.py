@@ -1,0 +1,228 @@
+"""The step contract as Kubernetes objects: one pod per step, and the cluster objects those pods need.
+
+Every orchestrator runs the same command (components.contract); the local executor runs it as a subprocess, and
+`step_pod` wraps it in a pod: the image for the step's kind (cpu or gpu), params.yaml from a
+ConfigMap, LETHE_HOME on a shared ReadWriteMany volume claim, the secrets by reference to a Kubernetes Secret
+(never a value), resources, GPU node selector and tolerations, and a locked-down security context.
+
+Batch files move on the shared volume, not through S3: the step contract is paths under LETHE_HOME (snapshot,
+models, circuits, batch folders), so a volume mounted at the same place in every pod keeps the contract
+unchanged, and a step needs no staging code. The deletion log may still come from s3://, and MLflow keeps
+its artifacts wherever its server puts them.
+
+Everything here is built with the official client's models (kubernetes.client), and `render` turns it into
+plain dicts for YAML and for schema validation.
+"""
+
+from __future__ import annotations
+
+from kubernetes.client import models as k8s
+
+from components._common import MANIFEST_COPY_VARIABLE
+from components.contract import arguments, invocation
+from pipeline.settings import KubernetesSettings, Settings
+
+PARAMS_DIR = "/etc/lethe"  # where the params ConfigMap is mounted
+SCRATCH_DIR = "/tmp"  # the only writable path besides LETHE_HOME: the root filesystem is read-only
+XCOM_FILE = "/airflow/xcom/return.json"  # where KubernetesPodOperator's sidecar reads a pod's result
+LABELS = {"app.kubernetes.io/name": "lethe", "app.kubernetes.io/part-of": "lethe"}
+# The checkov rules a step pod does not follow, each with its reason (checkov reads these annotations).
+CHECKOV_SKIPS = {
+    "CKV_K8S_8": "a run-to-completion step serves nothing: no liveness endpoint; Kubernetes judges it by exit code",
+    "CKV_K8S_9": "a run-to-completion step serves nothing: no readiness endpoint",
+    "CKV_K8S_35": "the steps read their secrets from the environment, as MLflow, boto3 and SQLAlchemy expect; "
+    "nothing logs them",
+    "CKV_K8S_43": "the image reference is params.yaml's kubernetes.images: a release pins it there by digest "
+    "(image@sha256:...) once it is published",
+}
+
+
+def pod_name(step: str) -> str:
+    return f"lethe-{step.replace('_', '-')}"
+
+
+def _resources(settings: KubernetesSettings, kind: str) -> k8s.V1ResourceRequirements:
+    wanted = settings.resources[kind]
+    requests = {"cpu": wanted.cpu, "memory": wanted.memory}
+    limits = {"cpu": wanted.cpu_limit, "memory": wanted.memory_limit}
+    if wanted.gpus:  # extended resources: the request must equal the limit
+        requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = str(wanted.gpus)
+    return k8s.V1ResourceRequirements(requests=requests, limits=limits)
+
+
+def _environment(settings: KubernetesSettings) -> list[k8s.V1EnvVar]:
+    plain = {
+        "LETHE_HOME": settings.home_mount,
+        "LETHE_PARAMS": f"{PARAMS_DIR}/params.yaml",
+        "LETHE_MODE": "production",  # refuse to run without the PII key
+        MANIFEST_COPY_VARIABLE: XCOM_FILE,
+        "HOME": SCRATCH_DIR,
+        "MPLCONFIGDIR": f"{SCRATCH_DIR}/matplotlib",
+        "HF_HOME": f"{SCRATCH_DIR}/huggingface",
+        "HF_HUB_OFFLINE": "1",  # nothing is downloaded at run time
+    }
+    secrets = [
+        k8s.V1EnvVar(
+            name=name,
+            value_from=k8s.V1EnvVarSource(
+                secret_key_ref=k8s.V1SecretKeySelector(name=settings.secret, key=name, optional=optional)
+            ),
+        )
+        for names, optional in ((settings.secret_env, False), (settings.secret_env_optional, True))
+        for name in names
+    ]
+    return [k8s.V1EnvVar(name=name, value=value) for name, value in plain.items()] + secrets
+
+
+def step_pod(step: str, settings: Settings, batch_id: str, deletion_log: str | None = None) -> k8s.V1Pod:
+    """The pod that runs one step of batch `batch_id` (a name, or a Jinja expression in the DAG)."""
+    cluster = settings.kubernetes
+    module, _ = invocation(step, deletion_log)
+    kind = cluster.kind(step)
+    batch_dir = f"{cluster.home_mount}/batches/{batch_id}"
+    container = k8s.V1Container(
+        name="base",  # the name KubernetesPodOperator looks for: logs, exit code and XCom come from it
+        image=cluster.images[kind],
+        image_pull_policy=cluster.image_pull_policy,
+        command=["python", "-m", f"components.{module}"],
+        args=arguments(step, f"{PARAMS_DIR}/params.yaml", batch_dir, deletion_log),
+        env=_environment(cluster),
+        resources=_resources(cluster, kind),
+        volume_mounts=[
+            k8s.V1VolumeMount(name="lethe-home", mount_path=cluster.home_mount),
+            k8s.V1VolumeMount(name="params", mount_path=PARAMS_DIR, read_only=True),
+            k8s.V1VolumeMount(name="scratch", mount_path=SCRATCH_DIR),
+        ],
+        security_context=k8s.V1SecurityContext(
+            allow_privilege_escalation=False,
+            read_only_root_filesystem=True,
+            run_as_non_root=True,
+            capabilities=k8s.V1Capabilities(drop=["ALL"]),
+        ),
+    )
+    spec = k8s.V1PodSpec(
+        containers=[container],
+        restart_policy="Never",
+        service_account_name=cluster.service_account,
+        automount_service_account_token=False,  # a step never talks to the Kubernetes API
+        security_context=k8s.V1PodSecurityContext(
+            run_as_non_root=True,
+            run_as_user=cluster.run_as_user,
+            run_as_group=cluster.run_as_user,
+            fs_group=cluster.run_as_user,
+            seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"),
+        ),
+        volumes=[
+            k8s.V1Volume(
+                name="lethe-home",
+                persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(claim_name=cluster.home_claim),
+            ),
+            k8s.V1Volume(name="params", config_map=k8s.V1ConfigMapVolumeSource(name=cluster.params_config_map)),
+            k8s.V1Volume(name="scratch", empty_dir=k8s.V1EmptyDirVolumeSource()),
+        ],
+    )
+    if kind == "gpu":
+        spec.node_selector = dict(cluster.gpu_node_selector) or None
+        spec.tolerations = [k8s.V1Toleration(**t.model_dump(exclude_none=True)) for t in cluster.gpu_tolerations]
+    return k8s.V1Pod(
+        api_version="v1",
+        kind="Pod",
+        metadata=k8s.V1ObjectMeta(
+            name=pod_name(step),
+            namespace=cluster.namespace,
+            labels={**LABELS, "app.kubernetes.io/component": step.replace("_", "-")},
+            annotations={
+                f"checkov.io/skip{n}": f"{rule}={why}" for n, (rule, why) in enumerate(CHECKOV_SKIPS.items(), 1)
+            },
+        ),
+        spec=spec,
+    )
+
+
+def render(obj) -> dict:
+    """A client model as the plain dict the API server would receive (camelCase keys, no nulls)."""
+    from kubernetes.client import ApiClient
+
+    return ApiClient().sanitize_for_serialization(obj)
+
+
+def cluster_objects(settings: Settings) -> dict[str, list]:
+    """What the cluster needs before the first night, by file under infra/k8s/: the namespace, the two service
+    accounts and the launcher's rights, the shared volume claim, and an example Secret with placeholders. The
+    params ConfigMap comes from the deployment's own params.yaml (`kubectl create configmap`, see the README)."""
+    cluster = settings.kubernetes
+    namespace = cluster.namespace
+
+    def meta(name: str) -> k8s.V1ObjectMeta:
+        return k8s.V1ObjectMeta(name=name, namespace=namespace, labels=dict(LABELS))
+
+    launcher_rules = [
+        k8s.V1PolicyRule(
+            api_groups=[""], resources=["pods"], verbs=["create", "get", "list", "watch", "patch", "delete"]
+        ),
+        k8s.V1PolicyRule(api_groups=[""], resources=["pods/log"], verbs=["get", "list"]),
+        k8s.V1PolicyRule(api_groups=[""], resources=["pods/exec"], verbs=["create", "get"]),  # the XCom sidecar
+        k8s.V1PolicyRule(api_groups=[""], resources=["events"], verbs=["get", "list", "watch"]),
+    ]
+    placeholder = "<set in your secret store; never commit a real value>"
+    return {
+        "namespace.yaml": [
+            k8s.V1Namespace(
+                api_version="v1", kind="Namespace", metadata=k8s.V1ObjectMeta(name=namespace, labels=dict(LABELS))
+            )
+        ],
+        "rbac.yaml": [
+            k8s.V1ServiceAccount(
+                api_version="v1",
+                kind="ServiceAccount",
+                metadata=meta(cluster.service_account),
+                automount_service_account_token=False,
+            ),
+            k8s.V1ServiceAccount(api_version="v1", kind="ServiceAccount", metadata=meta(cluster.launcher_account)),
+            k8s.V1Role(
+                api_version="rbac.authorization.k8s.io/v1",
+                kind="Role",
+                metadata=meta("lethe-pod-launcher"),
+                rules=launcher_rules,
+            ),
+            k8s.V1RoleBinding(
+                api_version="rbac.authorization.k8s.io/v1",
+                kind="RoleBinding",
+                metadata=meta("lethe-pod-launcher"),
+                role_ref=k8s.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role", name="lethe-pod-launcher"),
+                subjects=[k8s.RbacV1Subject(kind="ServiceAccount", name=cluster.launcher_account, namespace=namespace)],
+            ),
+        ],
+        "network.yaml": [  # the steps serve nothing: no ingress; egress to the ledger, MLflow and S3
+            k8s.V1NetworkPolicy(
+                api_version="networking.k8s.io/v1",
+                kind="NetworkPolicy",
+                metadata=meta("lethe-steps"),
+                spec=k8s.V1NetworkPolicySpec(
+                    pod_selector=k8s.V1LabelSelector(match_labels=dict(LABELS)),
+                    policy_types=["Ingress"],
+                ),
+            )
+        ],
+        "volume.yaml": [
+            k8s.V1PersistentVolumeClaim(
+                api_version="v1",
+                kind="PersistentVolumeClaim",
+                metadata=meta(cluster.home_claim),
+                spec=k8s.V1PersistentVolumeClaimSpec(
+                    access_modes=["ReadWriteMany"],
+                    storage_class_name=cluster.home_storage_class,
+                    resources=k8s.V1VolumeResourceRequirements(requests={"storage": cluster.home_size}),
+                ),
+            )
+        ],
+        "secret.example.yaml": [
+            k8s.V1Secret(
+                api_version="v1",
+                kind="Secret",
+                metadata=meta(cluster.secret),
+                type="Opaque",
+                string_data={name: placeholder for name in (*cluster.secret_env, *cluster.secret_env_optional)},
+            )
+        ],
+    }
