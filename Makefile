@@ -6,7 +6,7 @@ LETHE_HOME ?= $(CURDIR)/.lethe
 PYTHON     ?= python3
 export LETHE_HOME
 
-.PHONY: nightly test install tools services lint lock lock-tools clean bench bench-ingest
+.PHONY: nightly test install tools services mlflow-server lint lock lock-tools clean bench bench-ingest
 
 $(VENV)/.installed: pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,17 @@ services:
 test: install tools services
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+
+# The MLflow tracking server a team runs: PostgreSQL as the backend store, artifacts proxied by the server to S3
+# (S3's endpoint and credentials from the environment: MLFLOW_S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...). Then
+# point Lethe at it with MLFLOW_TRACKING_URI=http://$(MLFLOW_HOST):$(MLFLOW_PORT).
+MLFLOW_BACKEND   ?= postgresql+psycopg2://postgres@127.0.0.1:5432/test
+MLFLOW_ARTIFACTS ?= s3://lethe-mlflow/artifacts
+MLFLOW_HOST      ?= 127.0.0.1
+MLFLOW_PORT      ?= 5000
+mlflow-server: install
+	exec $(VENV)/bin/mlflow server --backend-store-uri '$(MLFLOW_BACKEND)' --artifacts-destination '$(MLFLOW_ARTIFACTS)' \
+		--serve-artifacts --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) --workers 1
 
 bench: install
 	$(VENV)/bin/lethe bench --out results

@@ -107,6 +107,20 @@ def hook_point(name: str) -> None:
             time.sleep(0.05)
 
 
+def lost_tracking_server(error: BaseException) -> str | None:
+    """A one-line reason when `error` is MLflow failing to reach its tracking server, else None."""
+    mlflow_errors = sys.modules.get("mlflow.exceptions")  # only a step that imported MLflow can have met one
+    if mlflow_errors is None or not isinstance(error, mlflow_errors.MlflowException):
+        return None
+    message = " ".join(str(error.message).split())
+    if not message.startswith("API request to") or "Max retries exceeded" not in message:
+        return None
+    cause = message.rsplit("Caused by ", 1)[-1][:160]
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "?")
+    return f"MLflow tracking server {uri} is unavailable (after {retries} retries): {cause}"
+
+
 def entry_point(step: str, main: Callable[[list[str] | None], dict]) -> None:
     """Run a step as a program: progress to stderr, a one-line reason and exit code 2 on bad input."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {step} %(levelname)s %(message)s")
@@ -114,6 +128,11 @@ def entry_point(step: str, main: Callable[[list[str] | None], dict]) -> None:
         manifest = main(None)
     except (SettingsError, FileNotFoundError, ConnectionError, ValueError) as error:
         print(f"lethe {step}: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as error:
+        if (reason := lost_tracking_server(error)) is None:
+            raise
+        print(f"lethe {step}: error: {reason}", file=sys.stderr)
         sys.exit(2)
     if copy := os.environ.get(MANIFEST_COPY_VARIABLE):  # in a pod, KubernetesPodOperator's sidecar reads it
         Path(copy).parent.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from components._common import lost_tracking_server
 from pipeline.settings import STEPS, Home, Settings, SettingsError, default_params_path, load_settings
 
 DAGS_FOLDER = Path(__file__).resolve().parent.parent / "dags"
@@ -299,6 +300,11 @@ def main(argv: list[str] | None = None) -> None:
         step.main(common)
     except (SettingsError, FileNotFoundError, ConnectionError, ValueError, RuntimeError) as error:
         print(f"lethe {args.command}: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as error:
+        if (reason := lost_tracking_server(error)) is None:
+            raise
+        print(f"lethe {args.command}: error: {reason}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -6,6 +6,7 @@ Gates are our own code (pipeline.gate); this adapter only reads and writes the t
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -28,23 +29,36 @@ SERVING_REQUIREMENTS = ["torch==2.13.0", "transformers>=5,<6", "safetensors", "p
 
 class Registry:
     def __init__(self, home: Home, settings: MlflowSettings) -> None:
-        """Point MLflow at LETHE_HOME's store (or MLFLOW_TRACKING_URI); create the experiment once."""
-        mlflow.set_tracking_uri(home.tracking_uri)
+        """Point MLflow at LETHE_HOME's store (or MLFLOW_TRACKING_URI); create the experiment once.
+
+        Against a tracking server, every request is bounded by params.yaml (MLflow's own defaults retry for
+        minutes), and the server keeps the artifacts where it was told to (--serve-artifacts)."""
+        self.tracking_uri = home.tracking_uri
+        self.remote = self.tracking_uri.startswith(("http://", "https://"))
+        if self.remote:
+            os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(settings.http_timeout_s)
+            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(settings.http_max_retries)
+            os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = str(settings.http_backoff_factor)
+        mlflow.set_tracking_uri(self.tracking_uri)
         self.client = MlflowClient()
         self.model_name = settings.registered_model
         experiment = self.client.get_experiment_by_name(settings.experiment)
         self.experiment_id = (
             experiment.experiment_id
             if experiment is not None
-            else self.client.create_experiment(settings.experiment, artifact_location=home.artifact_root)
+            else self.client.create_experiment(
+                settings.experiment, artifact_location=None if self.remote else home.artifact_root
+            )
         )
         mlflow.set_experiment(experiment_id=self.experiment_id)
 
     def champion(self) -> ModelVersion | None:
         try:
             return self.client.get_model_version_by_alias(self.model_name, CHAMPION)
-        except MlflowException:
-            return None
+        except MlflowException as error:
+            if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                return None  # no such model or alias yet; a lost server is an error, never "no champion"
+            raise
 
     def batch_run_id(self, batch_dir: Path, batch_id: str) -> str:
         """The batch's run, created by the first step that needs it and reused by the others."""

@@ -220,6 +220,9 @@ class GateSettings(_Frozen):
 class MlflowSettings(_Frozen):
     experiment: str = Field(min_length=1)
     registered_model: str = Field(min_length=1)
+    http_timeout_s: int = Field(ge=1)  # MLflow reads these three as integers
+    http_max_retries: int = Field(ge=0, le=10)
+    http_backoff_factor: int = Field(ge=0, le=120)
 
 
 class NightlySettings(_Frozen):

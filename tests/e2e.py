@@ -34,8 +34,7 @@ LETHE = str(Path(sys.executable).with_name("lethe"))
 
 def environment(home: Path, params: Path, **extra: str) -> dict[str, str]:
     env = {**os.environ, "LETHE_HOME": str(home), "LETHE_PARAMS": str(params), **extra}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    for name in ("LETHE_LEDGER_URL", "LETHE_TEST_CRASH_AT", "LETHE_TEST_PAUSE_AT"):
+    for name in ("MLFLOW_TRACKING_URI", "LETHE_LEDGER_URL", "LETHE_TEST_CRASH_AT", "LETHE_TEST_PAUSE_AT"):
         if name not in extra:
             env.pop(name, None)
     return env
@@ -110,18 +109,20 @@ def with_base(template: Path, home: Path) -> Path:
     return home
 
 
-def client(home: Path) -> mlflow.MlflowClient:
-    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+def client(home: Path, tracking_uri: str | None = None) -> mlflow.MlflowClient:
+    """The home's own MLflow store, or the tracking server the night used."""
+    uri = tracking_uri or f"sqlite:///{home / 'mlflow.db'}"
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def champion(home: Path) -> str:
-    return str(client(home).get_model_version_by_alias(MODEL, "champion").version)
+def champion(home: Path, tracking_uri: str | None = None) -> str:
+    return str(client(home, tracking_uri).get_model_version_by_alias(MODEL, "champion").version)
 
 
-def promoted_lineage(home: Path) -> set[str]:
+def promoted_lineage(home: Path, tracking_uri: str | None = None) -> set[str]:
     """The champion and every version it descends from: the versions that were promoted in turn."""
-    registry, lineage = client(home), set()
-    version = champion(home)
+    registry, lineage = client(home, tracking_uri), set()
+    version = champion(home, tracking_uri)
     while version not in lineage and version not in (None, "", "None"):
         lineage.add(version)
         version = registry.get_model_version(MODEL, version).tags.get("lethe.parent_version")
@@ -138,7 +139,8 @@ def check_books(home: Path, params: Path, request_ids: list[str], settled: bool 
     - no request is honored twice, and each honored one is honored by a promoted version whose batch it was in;
     - every promoted version's batch has all its requests honored by that version (none promoted without them);
     - with `settled`, nothing is left in_batch: every request is honored, pending again or quarantined."""
-    registry, lineage = client(home), promoted_lineage(home)
+    tracking_uri = extra.get("MLFLOW_TRACKING_URI")
+    registry, lineage = client(home, tracking_uri), promoted_lineage(home, tracking_uri)
     entries = all_requests(home, params, request_ids, **extra)
     for request_id, entry in entries.items():
         honored = [e for e in entry["events"] if e["to_state"] == "honored"]
@@ -233,6 +235,7 @@ class Relay:
             except OSError:
                 client_side.close()
                 continue
+            server_side.settimeout(None)  # the 5 s bound is for connecting: an idle pooled connection stays open
             self.connections += [client_side, server_side]
             for source, sink in ((client_side, server_side), (server_side, client_side)):
                 threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()

@@ -1,24 +1,35 @@
-"""The nightly with its ledger on PostgreSQL and its deletion log on S3, and each of them going away.
+"""The nightly against the servers a team runs, and each of them going away: the ledger on PostgreSQL, the
+deletion log on S3, and MLflow as a tracking server (`make mlflow-server`: its backend store on PostgreSQL,
+its artifacts proxied to S3).
 
-PostgreSQL is this machine's server at 127.0.0.1:5432, S3 is moto's ThreadedMotoServer on loopback; each is
-reached through a relay the test controls (tests.e2e.Relay), so that taking a server away is a state the test
-sets, not a race: the S3 relay is down before a night, the PostgreSQL relay is taken down while a step waits
-at a hook point (LETHE_TEST_PAUSE_AT). Each loss must end the night with a one-line error that names the
-server and its URL, after the bounded retries of params.yaml, with nothing lost; the next night, with the
-server back, finishes the batch. (The MLflow tracking server's loss comes with the production path, where
-Lethe first runs against a tracking server.)"""
+PostgreSQL is this machine's server at 127.0.0.1:5432, S3 is moto's ThreadedMotoServer on loopback, the
+tracking server is started by the test on a free port and stopped by it. Lethe reaches each through a relay the
+test controls (tests.e2e.Relay), so that taking a server away is a state the test sets, not a race: the S3 relay
+is down before a night, the PostgreSQL and MLflow relays are taken down while a step waits at a hook point
+(LETHE_TEST_PAUSE_AT). Each loss must end the night with a one-line error that names the server and its URL,
+after the bounded retries of params.yaml, with nothing lost; the next night, with the server back, finishes
+the batch, and the promoted version is read back over HTTP."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import socket
 import subprocess
+import sys
 import time
+import urllib.request
+from pathlib import Path
 
 import boto3
+import mlflow
 import numpy as np
 import pytest
 
 from pipeline.data import read_snapshot
+from tests.conftest import REPO
 from tests.e2e import (
     CHEAP,
     LETHE,
@@ -42,7 +53,11 @@ BOUNDS = {  # fail fast: the point is that the night ends, naming the server, no
     "landing.s3_connect_timeout_s": 1,
     "landing.s3_read_timeout_s": 2,
     "landing.s3_max_attempts": 2,
+    "mlflow.http_timeout_s": 5,
+    "mlflow.http_max_retries": 1,
+    "mlflow.http_backoff_factor": 1,
 }
+S3_KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 @pytest.fixture
@@ -55,19 +70,70 @@ def s3_server():
     server.stop()
 
 
-def test_the_nightly_on_postgresql_and_s3_survives_each_server_going_away(tmp_path, template_home, s3_server):
+@pytest.fixture
+def tracking_server(s3_server, tmp_path):
+    """`make mlflow-server` on a free port: its backend store a fresh PostgreSQL schema, its artifacts in S3."""
+    require_postgres()
+    s3_endpoint = f"http://127.0.0.1:{s3_server[1]}"
+    boto3.client("s3", endpoint_url=s3_endpoint, **{k.lower(): v for k, v in S3_KEYS.items() if "KEY" in k},
+                 region_name="us-east-1").create_bucket(Bucket="mlflow")  # fmt: skip
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    backend = postgres_schema_url()
+    venv = Path(sys.executable).parent.parent
+    command = ["make", "-s", "-C", str(REPO), "mlflow-server", f"VENV={venv}", f"MLFLOW_BACKEND={backend}",
+               "MLFLOW_ARTIFACTS=s3://mlflow/artifacts", f"MLFLOW_PORT={port}"]  # fmt: skip
+    log = tmp_path / "mlflow-server.log"
+    with log.open("w") as sink:
+        server = subprocess.Popen(command, env={**os.environ, **S3_KEYS, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint},
+                                  stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and server.poll() is None:
+            with contextlib.suppress(OSError):
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the MLflow server did not come up: " + log.read_text()[-3000:])
+        yield {"port": port, "backend": backend, "s3_endpoint": s3_endpoint}
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def pause_and_take_away(command, env, point: str, relay: Relay, folder: Path) -> tuple[int, str]:
+    """Run a night until a step waits at `point`, take `relay`'s server away, let the night go on; its exit code
+    and output."""
+    folder.mkdir()
+    output = folder / "night.log"  # a file, not a pipe: nobody reads a pipe while the night waits
+    env = {**env, "LETHE_TEST_PAUSE_AT": f"{point}:{folder}"}
+    with output.open("w") as sink, subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT,
+                                                    start_new_session=True) as night:  # fmt: skip
+        deadline = time.monotonic() + 600
+        while not (folder / f"{point}.reached").exists() and night.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert (folder / f"{point}.reached").exists(), f"the night never reached {point}: " + output.read_text()
+        relay.stop()
+        (folder / f"{point}.resume").touch()
+        night.wait(timeout=900)
+    return night.returncode, output.read_text()
+
+
+def test_the_nightly_on_postgresql_s3_and_a_tracking_server_survives_each_going_away(
+    tmp_path, template_home, s3_server, tracking_server
+):
     require_postgres()
     database, landing = Relay(("127.0.0.1", 5432)).start(), Relay(s3_server).start()
+    tracking = Relay(("127.0.0.1", tracking_server["port"])).start()
     try:
         ledger_url = postgres_schema_url(f"127.0.0.1:{database.port}")
         endpoint = f"http://127.0.0.1:{landing.port}"
         home, params = new_home(template_home, tmp_path, **CHEAP, **BOUNDS, **{"landing.s3_endpoint_url": endpoint})
-        servers = {
-            "LETHE_LEDGER_URL": ledger_url,
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-        }
+        tracking_uri = f"http://127.0.0.1:{tracking.port}"
+        servers = {"LETHE_LEDGER_URL": ledger_url, "MLFLOW_TRACKING_URI": tracking_uri, **S3_KEYS}
         snapshot = read_snapshot(home / "data" / "snapshot")
         users = [int(u) for u in np.random.default_rng(5).choice(snapshot.members, 2, replace=False)]
         s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{s3_server[1]}", aws_access_key_id="testing",
@@ -89,39 +155,56 @@ def test_the_nightly_on_postgresql_and_s3_survives_each_server_going_away(tmp_pa
         # Night 2: S3 is back; PostgreSQL goes away once the split is written. The next step that reads the
         # ledger fails naming it; the claimed requests stay in this batch for the next night to settle.
         landing.start()
-        pause = tmp_path / "pause"
-        pause.mkdir()
-        env = environment(home, params, **servers, LETHE_TEST_PAUSE_AT=f"split:{pause}")
         command = [LETHE, "nightly", "--deletion-log", log, "--batch-id", "pg-away"]
-        output = tmp_path / "pg-away.log"  # a file, not a pipe: nobody reads a pipe while the night waits
-        with output.open("w") as sink, subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT,
-                                                        start_new_session=True) as night:  # fmt: skip
-            deadline = time.monotonic() + 600
-            while not (pause / "split.reached").exists() and night.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.1)
-            assert (pause / "split.reached").exists(), "the night never reached the split: " + output.read_text()
-            database.stop()
-            (pause / "split.resume").touch()
-            night.wait(timeout=900)
-        said = output.read_text()
-        assert night.returncode != 0
+        code, said = pause_and_take_away(command, environment(home, params, **servers), "split", database,
+                                         tmp_path / "pg-away")  # fmt: skip
+        assert code != 0
         named = f"ledger database postgresql+psycopg2://postgres@127.0.0.1:{database.port}/test"
         assert f"error: {named}" in said and "is unavailable" in said and "2 attempts" in said, said[-4000:]
 
-        # Night 3: both back. The claim releases the batch that died and takes it again; the night completes.
+        # Night 3: PostgreSQL is back; the tracking server goes away once the evaluation is written. The gate
+        # fails naming it, before any promotion; the requests stay in this batch.
         database.start()
+        command = [LETHE, "nightly", "--deletion-log", log, "--batch-id", "mlflow-away"]
+        code, said = pause_and_take_away(command, environment(home, params, **servers), "evaluate", tracking,
+                                         tmp_path / "mlflow-away")  # fmt: skip
+        assert code != 0
+        assert f"lethe gate: error: MLflow tracking server {tracking_uri} is unavailable (after 1 retries)" in said, (
+            said[-4000:]
+        )
+        assert not (home / "batches" / "mlflow-away" / "gate.json").exists()
+        status = ledger_json(home, params, "status", **servers)
+        assert (status["in_batch"], status["honored"]) == (2, 0)
+
+        # Night 4: all back. The claim releases the batch that died and takes it again; the night completes.
+        tracking.start()
         ran(lethe(home, params, "nightly", "--deletion-log", log, "--batch-id", "both-back", **servers))
         summary = json.loads((home / "batches" / "both-back" / "summary.json").read_text())
         assert summary["gate"] == "passed" and summary["requests_honored"] == 2 and summary["requests_total"] == 0
         claim = json.loads((home / "batches" / "both-back" / "claim.json").read_text())
-        assert "released" in claim["recovered"]["pg-away"]
+        assert "released" in claim["recovered"]["mlflow-away"]
         entries = check_books(home, params, request_ids, settled=True, **servers)
         assert {entry["state"] for entry in entries.values()} == {"honored"}
         assert [e["batch_id"] for e in entries["pg-1"]["events"] if e["to_state"] == "in_batch"] == [
             "pg-away",
+            "mlflow-away",
             "both-back",
         ]
         assert not (home / "ledger.db").exists()  # the ledger lived on PostgreSQL only
+
+        # The registry, read back over HTTP: the champion is the batch's version, with its gate tags and report.
+        client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        champion = client.get_model_version_by_alias("lethe-recommender", "champion")
+        assert champion.version == str(summary["model_version"]) == "2"
+        assert champion.tags["gate"] == "passed" and champion.tags["lethe.batch_id"] == "both-back"
+        report = client.download_artifacts(champion.run_id, "report/report.html", str(tmp_path / "read-back"))
+        assert "both-back" in Path(report).read_text()
+        assert not (home / "mlflow.db").exists() and not (home / "mlartifacts").exists()  # all on the servers
+        s3 = boto3.client("s3", endpoint_url=tracking_server["s3_endpoint"], region_name="us-east-1",
+                          aws_access_key_id="testing", aws_secret_access_key="testing")  # fmt: skip
+        stored = [o["Key"] for o in s3.list_objects_v2(Bucket="mlflow")["Contents"]]
+        assert any(key.endswith("report/report.html") for key in stored), stored[:20]
     finally:
         database.stop()
         landing.stop()
+        tracking.stop()
