@@ -23,6 +23,7 @@ from components.contract import arguments, invocation
 from pipeline.settings import KubernetesSettings, Settings
 
 PARAMS_DIR = "/etc/lethe"  # where the params ConfigMap is mounted
+PARAMS_FILE = f"{PARAMS_DIR}/params.yaml"
 SCRATCH_DIR = "/tmp"  # the only writable path besides LETHE_HOME: the root filesystem is read-only
 XCOM_FILE = "/airflow/xcom/return.json"  # where KubernetesPodOperator's sidecar reads a pod's result
 LABELS = {"app.kubernetes.io/name": "lethe", "app.kubernetes.io/part-of": "lethe"}
@@ -53,7 +54,7 @@ def _resources(settings: KubernetesSettings, kind: str) -> k8s.V1ResourceRequire
 def _environment(settings: KubernetesSettings) -> list[k8s.V1EnvVar]:
     plain = {
         "LETHE_HOME": settings.home_mount,
-        "LETHE_PARAMS": f"{PARAMS_DIR}/params.yaml",
+        "LETHE_PARAMS": PARAMS_FILE,
         "LETHE_MODE": "production",  # refuse to run without the PII key
         MANIFEST_COPY_VARIABLE: XCOM_FILE,
         "HOME": SCRATCH_DIR,
@@ -85,7 +86,7 @@ def step_pod(step: str, settings: Settings, batch_id: str, deletion_log: str | N
         image=cluster.images[kind],
         image_pull_policy=cluster.image_pull_policy,
         command=["python", "-m", f"components.{module}"],
-        args=arguments(step, f"{PARAMS_DIR}/params.yaml", batch_dir, deletion_log),
+        args=arguments(step, PARAMS_FILE, batch_dir, deletion_log),
         env=_environment(cluster),
         resources=_resources(cluster, kind),
         volume_mounts=[

@@ -86,7 +86,7 @@ def pod_task(step: str, **task_arguments):
         arguments=container.args,  # templated: the batch folder and the deletion log of this run
         full_pod_spec=pod,
         do_xcom_push=True,
-        xcom_sidecar_container_security_context=pod.spec.containers[0].security_context,
+        xcom_sidecar_container_security_context=container.security_context,
         get_logs=cluster.get_logs,
         on_finish_action=cluster.on_finish_action,
         startup_timeout_seconds=cluster.startup_timeout_s,
