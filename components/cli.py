@@ -1,6 +1,8 @@
 """`lethe`: the command line for the people who run Lethe.
 
 lethe nightly [--deletion-log PATH]   bootstrap if needed, run the nightly DAG once, print the summary
+lethe bootstrap                       prepare, train and register the base model as champion, if none is
+                                      (what a running scheduler needs before its first night)
 lethe sample-log --out PATH           write a deletion log for a few random members (a demo batch)
 lethe prepare | lethe train           the first two steps on their own
 lethe bench [--quick|--tuning|--judge]  every unlearning method against retraining
@@ -86,10 +88,23 @@ def ensure_champion(settings: Settings, home: Home, params: Path) -> str:
     return version.version
 
 
-def nightly(args: argparse.Namespace) -> int:
+def _chosen(args: argparse.Namespace) -> tuple[Path, Settings, Home]:
+    """The params file, its settings and the home this command works on, also exported to the steps it runs."""
     params = (args.params or default_params_path()).resolve()
     settings, home = load_settings(params), Home(args.home)
     os.environ.update({"LETHE_HOME": str(home.root), "LETHE_PARAMS": str(params)})
+    return params, settings, home
+
+
+def bootstrap(args: argparse.Namespace) -> int:
+    params, settings, home = _chosen(args)
+    version = ensure_champion(settings, home, params)
+    print(f"lethe: the champion is version {version} of {settings.mlflow.registered_model}", flush=True)
+    return 0
+
+
+def nightly(args: argparse.Namespace) -> int:
+    params, settings, home = _chosen(args)
     ensure_champion(settings, home, params)
     env = airflow_env(home, params)
     ensure_airflow(home, env)
@@ -239,6 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     run = commands.add_parser("nightly", help="run the nightly batch once, for real, through Airflow")
     run.add_argument("--deletion-log", default=None, help="a .jsonl file or folder (default: $LETHE_HOME/landing)")
     run.add_argument("--batch-id", default=None, help="batch folder name (default: UTC timestamp)")
+    commands.add_parser("bootstrap", help="register the base model as champion if the registry has none")
     sample = commands.add_parser("sample-log", help="write a demo deletion log of random members")
     sample.add_argument("--out", required=True)
     sample.add_argument("--snapshot", type=Path, default=None, help="data snapshot (default: under home)")
@@ -276,6 +292,8 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(ledger_command(args))
         if args.command == "nightly":
             sys.exit(nightly(args))
+        if args.command == "bootstrap":
+            sys.exit(bootstrap(args))
         if args.command == "sample-log":
             sys.exit(sample_log(args))
         from components import bench, prepare, train

@@ -227,7 +227,7 @@ class MlflowSettings(_Frozen):
 
 class NightlySettings(_Frozen):
     sample_users: int = Field(ge=1)
-    schedule: str = Field(min_length=1)
+    schedule: str | None = Field(min_length=1)  # None: no schedule, runs only when triggered
     executor: Literal["local", "kubernetes"] = "local"
 
 
