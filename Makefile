@@ -2,11 +2,12 @@
 # Installs are pinned by requirements/constraints.txt (regenerate with `make lock`).
 VENV       ?= .venv
 TOOLS      ?= .venv-tools
+KFP        ?= .venv-kfp
 LETHE_HOME ?= $(CURDIR)/.lethe
 PYTHON     ?= python3
 export LETHE_HOME
 
-.PHONY: nightly test install tools services mlflow-server lint lock lock-tools clean bench bench-ingest
+.PHONY: nightly test install tools kfp kfp-compile services mlflow-server lint lock lock-tools lock-kfp clean bench bench-ingest
 
 $(VENV)/.installed: pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +27,19 @@ $(TOOLS)/.installed: requirements/tools.txt
 
 tools: $(TOOLS)/.installed
 
+# The Kubeflow pipeline's compiler in its own environment: kfp 2.17 pins kubernetes<31, the Airflow provider needs a
+# newer one. Locked by requirements/kfp.txt; infra/kfp/nightly_forgetting.yaml is compiled from params.yaml with it.
+$(KFP)/.installed: requirements/kfp.txt
+	$(PYTHON) -m venv $(KFP)
+	$(KFP)/bin/pip install --quiet --upgrade pip
+	$(KFP)/bin/pip install --quiet -r requirements/kfp.txt
+	touch $@
+
+kfp: $(KFP)/.installed
+
+kfp-compile: kfp
+	$(KFP)/bin/python infra/kfp/pipeline.py --out infra/kfp/nightly_forgetting.yaml
+
 nightly: install
 	$(VENV)/bin/lethe sample-log --out $(LETHE_HOME)/landing/sample.jsonl
 	$(VENV)/bin/lethe nightly --deletion-log $(LETHE_HOME)/landing/sample.jsonl
@@ -42,7 +56,7 @@ services:
 		pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql) main start && sleep 2; } || \
 		echo "make: no PostgreSQL server at 127.0.0.1:5432: the PostgreSQL tests skip, or fail under CI"
 
-test: install tools services
+test: install tools kfp services
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
@@ -71,5 +85,12 @@ lock-tools:
 	{ head -n 2 requirements/tools.txt; $(TOOLS)/bin/pip freeze; } > requirements/tools.txt.new
 	mv requirements/tools.txt.new requirements/tools.txt && touch $(TOOLS)/.installed
 
+lock-kfp:
+	rm -rf $(KFP) && $(PYTHON) -m venv $(KFP)
+	$(KFP)/bin/pip install --quiet "kfp==2.17.*" "kfp-kubernetes==2.17.*" \
+		"$$(grep '^pydantic==' requirements/constraints.txt)"
+	{ head -n 2 requirements/kfp.txt; $(KFP)/bin/pip freeze; } > requirements/kfp.txt.new
+	mv requirements/kfp.txt.new requirements/kfp.txt && touch $(KFP)/.installed
+
 clean:
-	rm -rf $(VENV) $(TOOLS) $(LETHE_HOME)
+	rm -rf $(VENV) $(TOOLS) $(KFP) $(LETHE_HOME)

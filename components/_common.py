@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from components.contract import decision
 from pipeline.settings import Home, Settings, SettingsError, load_settings
 
 CRASH_VARIABLE = "LETHE_TEST_CRASH_AT"  # tests only: the hook point at which the whole run dies
@@ -122,10 +123,18 @@ def lost_tracking_server(error: BaseException) -> str | None:
 
 
 def entry_point(step: str, main: Callable[[list[str] | None], dict]) -> None:
-    """Run a step as a program: progress to stderr, a one-line reason and exit code 2 on bad input."""
+    """Run a step as a program: progress to stderr, a one-line reason and exit code 2 on bad input.
+
+    Besides the step's own arguments it takes `--decision NAME PATH` (repeatable): write the step's branch
+    decision NAME (components.contract.DECISIONS) to PATH as JSON, the output parameters a KFP component
+    hands to `dsl.If`."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {step} %(levelname)s %(message)s")
+    outputs = argparse.ArgumentParser(add_help=False)
+    outputs.add_argument("--decision", nargs=2, action="append", default=[], metavar=("NAME", "PATH"))
+    wanted, rest = outputs.parse_known_args()
     try:
-        manifest = main(None)
+        decisions = [(decision(step, name), Path(path)) for name, path in wanted.decision]  # before any work
+        manifest = main(rest)
     except (SettingsError, FileNotFoundError, ConnectionError, ValueError) as error:
         print(f"lethe {step}: error: {error}", file=sys.stderr)
         sys.exit(2)
@@ -137,4 +146,7 @@ def entry_point(step: str, main: Callable[[list[str] | None], dict]) -> None:
     if copy := os.environ.get(MANIFEST_COPY_VARIABLE):  # in a pod, KubernetesPodOperator's sidecar reads it
         Path(copy).parent.mkdir(parents=True, exist_ok=True)
         Path(copy).write_text(json.dumps(manifest, default=str))
+    for decide, path in decisions:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(decide(manifest)))
     hook_point(step)

@@ -223,7 +223,7 @@ def ledger_command(args: argparse.Namespace) -> int:
 def k8s_command(args: argparse.Namespace) -> int:
     import yaml
 
-    from components.pods import cluster_objects, render, step_pod
+    from components.pods import bootstrap_pod, cluster_objects, render, step_pod
 
     settings = load_settings(args.params)
     if args.k8s_command == "write":
@@ -234,6 +234,9 @@ def k8s_command(args: argparse.Namespace) -> int:
                 f"# Written by `lethe k8s write` from params.yaml: edit params.yaml, not this.\n{text}"
             )
             print(f"lethe: wrote {args.folder / name}")
+        return 0
+    if args.bootstrap:
+        print(yaml.safe_dump(render(bootstrap_pod(settings)), sort_keys=False), end="")
         return 0
     landing = args.deletion_log or f"{settings.kubernetes.home_mount}/landing"
     steps = [args.step] if args.step else list(STEPS)
@@ -280,6 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     render.add_argument("--step", choices=STEPS, default=None, help="only this step's pod")
     render.add_argument("--batch-id", default="<batch-id>", help="the batch the pods run (default: a placeholder)")
     render.add_argument("--deletion-log", default=None, help="the ingest pod's log (default: the volume's landing)")
+    render.add_argument("--bootstrap", action="store_true", help="only the one-off pod that registers the base")
     write = kube_commands.add_parser("write", help="write the cluster objects into a folder (infra/k8s)")
     write.add_argument("folder", type=Path)
     args = cli.parse_args(argv)

@@ -3,11 +3,36 @@
 The local executor runs `python -m components.<module> <arguments>` as a subprocess of the Airflow task, a
 Kubernetes pod runs it as its container's command (components.pods), and DVC stages and KFP components run it
 too. The step then leaves its manifest, `manifest_file(step)`, in the batch folder.
+
+The branches of the nightly are decisions on two manifests, defined once here (`DECISIONS`): the Airflow DAG's
+branch tasks evaluate them on the manifest they receive, and a KFP component has its step write them as output
+parameters (`--decision NAME PATH`, components._common.entry_point) for `dsl.If`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from pipeline.settings import STEPS
+
+DECISIONS: dict[str, dict[str, Callable[[dict], bool]]] = {
+    "claim": {
+        # a night with no valid new request and none waiting for a retry skips to the report
+        "has_new_requests": lambda manifest: manifest["claimed"] > 0,
+        # requests that failed the gate ledger.max_failed_nights times take the fallback: a retrain from scratch
+        "needs_retrain": lambda manifest: manifest["needs_retrain"] > 0,
+    },
+    # circuits are re-extracted only when today's retain data has drifted, or none exist
+    "drift": {"extract": lambda manifest: bool(manifest["extract"])},
+}
+
+
+def decision(step: str, name: str) -> Callable[[dict], bool]:
+    """One of the nightly's branch decisions, made on `step`'s manifest."""
+    if name not in DECISIONS.get(step, {}):
+        known = [f"{s}:{n}" for s, names in DECISIONS.items() for n in names]
+        raise ValueError(f"step {step} makes no decision {name!r}; the decisions are {known}")
+    return DECISIONS[step][name]
 
 
 def invocation(step: str, deletion_log: str | None = None) -> tuple[str, list[str]]:

@@ -51,17 +51,21 @@ def _resources(settings: KubernetesSettings, kind: str) -> k8s.V1ResourceRequire
     return k8s.V1ResourceRequirements(requests=requests, limits=limits)
 
 
-def _environment(settings: KubernetesSettings) -> list[k8s.V1EnvVar]:
-    plain = {
+def plain_environment(settings: KubernetesSettings) -> dict[str, str]:
+    """A step container's variables that are not secrets (the Airflow pods and the KFP components share them)."""
+    return {
         "LETHE_HOME": settings.home_mount,
         "LETHE_PARAMS": PARAMS_FILE,
         "LETHE_MODE": "production",  # refuse to run without the PII key
-        MANIFEST_COPY_VARIABLE: XCOM_FILE,
         "HOME": SCRATCH_DIR,
         "MPLCONFIGDIR": f"{SCRATCH_DIR}/matplotlib",
         "HF_HOME": f"{SCRATCH_DIR}/huggingface",
         "HF_HUB_OFFLINE": "1",  # nothing is downloaded at run time
     }
+
+
+def _environment(settings: KubernetesSettings) -> list[k8s.V1EnvVar]:
+    plain = {**plain_environment(settings), MANIFEST_COPY_VARIABLE: XCOM_FILE}
     secrets = [
         k8s.V1EnvVar(
             name=name,
@@ -145,6 +149,18 @@ def render(obj) -> dict:
     from kubernetes.client import ApiClient
 
     return ApiClient().sanitize_for_serialization(obj)
+
+
+def bootstrap_pod(settings: Settings) -> k8s.V1Pod:
+    """The one-off pod that prepares the data, trains the base and registers it as champion (`lethe bootstrap`):
+    the unlearn pod's image, GPU, volume, params and secrets, running the command instead of a step."""
+    pod = step_pod("unlearn", settings, batch_id="bootstrap")
+    pod.metadata.name = "lethe-bootstrap"
+    pod.metadata.labels["app.kubernetes.io/component"] = "bootstrap"
+    container = pod.spec.containers[0]
+    container.command, container.args = ["python", "-m", "components.cli"], ["bootstrap"]
+    container.env = [e for e in container.env if e.name != MANIFEST_COPY_VARIABLE]  # no XCom: not an Airflow task
+    return pod
 
 
 def cluster_objects(settings: Settings) -> dict[str, list]:

@@ -27,7 +27,7 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import dag, get_current_context, task
 
-from components.contract import arguments, invocation, manifest_file
+from components.contract import arguments, decision, invocation, manifest_file
 from pipeline.settings import Home, default_params_path, load_settings
 
 SETTINGS = load_settings()
@@ -122,14 +122,14 @@ def step(name: str, **task_arguments):
 def nightly_forgetting():
     @task.short_circuit(ignore_downstream_trigger_rules=False)
     def has_new_requests(claimed: dict) -> bool:
-        if claimed["claimed"] == 0:
+        if not (new := decision("claim", "has_new_requests")(claimed)):
             print("no new valid requests and none waiting for a retry: nothing to unlearn tonight; on to the report")
-        return claimed["claimed"] > 0
+        return new
 
     @task.branch
     def route(claimed: dict) -> str:
         """Requests that failed the gate ledger.max_failed_nights times take the fallback: retrain from scratch."""
-        if claimed["needs_retrain"]:
+        if decision("claim", "needs_retrain")(claimed):
             print(f"{claimed['needs_retrain']} requests failed the gate too often: retraining from scratch")
             return "retrain"
         return "drift"
@@ -137,7 +137,7 @@ def nightly_forgetting():
     @task.branch
     def choose_circuits(drifted: dict) -> str:
         """Circuits are re-extracted only when today's retain data has drifted, or none exist."""
-        return "extract_circuits" if drifted["extract"] else "reuse_circuits"
+        return "extract_circuits" if decision("drift", "extract")(drifted) else "reuse_circuits"
 
     @task
     def reuse_circuits() -> None:

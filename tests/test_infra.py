@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -31,15 +32,20 @@ def tool(name: str) -> Path:
     return path
 
 
-def test_there_is_a_cpu_and_a_gpu_image():
-    assert [path.name for path in DOCKERFILES] == ["Dockerfile.cpu", "Dockerfile.gpu"]
+def test_there_is_a_cpu_and_a_gpu_step_image_and_an_airflow_image():
+    assert [path.name for path in DOCKERFILES] == ["Dockerfile.airflow", "Dockerfile.cpu", "Dockerfile.gpu"]
     for path in DOCKERFILES:
         text = path.read_text()
-        assert "USER 10001" in text and "requirements/constraints.txt" in text
-        assert 'ENTRYPOINT ["python", "-m"]' in text
+        assert "requirements/constraints.txt" in text
+        if path.name != "Dockerfile.airflow":  # the steps' images; the Airflow image keeps its own user 50000
+            assert "USER 10001" in text and 'ENTRYPOINT ["python", "-m"]' in text
+    airflow = (REPO / "infra" / "docker" / "Dockerfile.airflow").read_text()
+    version = re.search(r"^apache-airflow==(\S+)$", (REPO / "requirements" / "constraints.txt").read_text(), re.M)
+    assert f"FROM apache/airflow:{version.group(1)}-python3.11" in airflow  # the Airflow the DAG is tested on
+    assert "USER 50000" in airflow and "COPY --chown=airflow:0 dags /opt/airflow/dags" in airflow
 
 
-def test_hadolint_passes_on_both_dockerfiles_and_catches_a_root_image(tmp_path):
+def test_hadolint_passes_on_every_dockerfile_and_catches_a_root_image(tmp_path):
     hadolint = tool("hadolint")
     result = subprocess.run([hadolint, *DOCKERFILES], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -81,3 +87,19 @@ def test_checkov_passes_on_the_images_the_cluster_objects_and_every_step_pod(tmp
     (tmp_path / "loose" / "pod.yaml").write_text(yaml.safe_dump(loose))
     failed = checkov("--directory", str(tmp_path / "loose"), "--framework", "kubernetes")["failed"]
     assert any(finding.startswith("CKV_K8S_16 ") for finding in failed), failed  # privileged container
+
+
+def test_the_helm_values_deploy_the_tested_airflow_and_hold_no_secret():
+    values = yaml.safe_load((REPO / "infra" / "helm" / "values.yaml").read_text())
+    locked = re.search(r"^apache-airflow==(\S+)$", (REPO / "requirements" / "constraints.txt").read_text(), re.M)
+    assert values["airflowVersion"] == locked.group(1)
+    assert values["executor"] == "LocalExecutor"  # what tests/test_e2e_airflow.py runs
+    assert values["scheduler"]["serviceAccount"] == {"create": False, "name": "lethe-launcher"}
+    # Airflow's keys and the metadata URL by Secret name only: none of the chart's literal-value keys is set
+    for literal in ("fernetKey", "apiSecretKey", "jwtSecret", "webserverSecretKey"):
+        assert values.get(literal) is None, literal
+    assert "metadataConnection" not in values["data"] and values["data"]["metadataSecretName"]
+    mounted = {volume["name"]: volume for volume in values["volumes"]}
+    config_map = load_settings(REPO / "params.yaml").kubernetes.params_config_map
+    assert mounted["lethe-params"]["configMap"]["name"] == config_map  # the one the step pods mount
+    assert {"name": "LETHE_PARAMS", "value": "/etc/lethe/params.yaml"} in values["env"]

@@ -22,7 +22,7 @@ from components.pods import PARAMS_DIR, cluster_objects, render, step_pod
 from pipeline.pii import DEVELOPMENT_KEY
 from pipeline.settings import STEPS, Settings, load_settings
 from tests.conftest import REPO
-from tests.e2e import CHEAP, LETHE, lethe, new_home
+from tests.e2e import CHEAP, LETHE, champion, lethe, new_home
 
 KUBERNETES_VERSION = "1.35.0"  # a current minor version; kubernetes-validate ships its schema, offline
 GPU_STEPS = {"extract_circuits", "unlearn", "retrain"}
@@ -222,3 +222,31 @@ def test_the_unlearn_pod_run_here_gives_the_local_executors_manifest_and_weights
         manifest.pop("wall_s")
     assert pod_manifest == local_manifest  # every figure, to the digit
     assert digest(home / "batches" / "pod" / "candidate") == digest(local / "candidate")
+
+
+@pytest.mark.e2e
+def test_the_bootstrap_pod_run_here_registers_the_base_as_champion(tmp_path, template_home):
+    from components.pods import bootstrap_pod
+
+    home, params = new_home(template_home, tmp_path)
+    settings = load_settings(params)
+    pod = render(bootstrap_pod(settings))
+    kubernetes_validate.validate(pod, KUBERNETES_VERSION, strict=True)
+    container = pod["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"  # it trains: the unlearn pod's GPU
+    assert "LETHE_MANIFEST_COPY" not in {entry["name"] for entry in container["env"]}
+    config, scratch = tmp_path / "configmap", tmp_path / "scratch"
+    config.mkdir(), scratch.mkdir()
+    shutil.copy(params, config / "params.yaml")
+    secrets = {
+        "LETHE_PII_KEY": DEVELOPMENT_KEY.decode(),
+        "LETHE_LEDGER_URL": f"sqlite:///{home / 'ledger.db'}",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
+        "AWS_ACCESS_KEY_ID": "test-only",
+        "AWS_SECRET_ACCESS_KEY": "test-only",
+    }
+    mounts = {settings.kubernetes.home_mount: home, PARAMS_DIR: config, "/tmp": scratch}
+    result = run_pod_here(pod, mounts, secrets, cwd=scratch)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "the champion is version 1 of lethe-recommender" in result.stdout
+    assert champion(home) == "1"
