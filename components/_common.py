@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from components.contract import decision
-from pipeline.settings import Home, Settings, SettingsError, load_settings
+from pipeline.settings import DEVICES, Home, Settings, SettingsError, load_settings
 
 CRASH_VARIABLE = "LETHE_TEST_CRASH_AT"  # tests only: the hook point at which the whole run dies
 PAUSE_VARIABLE = "LETHE_TEST_PAUSE_AT"  # tests only: name:folder, the hook point at which a step waits
@@ -32,6 +32,13 @@ def parser(step: str, doc: str | None) -> argparse.ArgumentParser:
         "--params", type=Path, default=None, help="params.yaml (default: $LETHE_PARAMS or ./params.yaml)"
     )
     parser.add_argument("--home", type=Path, default=None, help="state folder (default: $LETHE_HOME or ./.lethe)")
+    return parser
+
+
+def device_argument(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """--device of the steps that run torch: auto (CUDA when torch sees one, else the CPU), cpu or cuda (an error
+    without one). bf16 autocast on CUDA, fp32 on the CPU; the manifest records which."""
+    parser.add_argument("--device", choices=DEVICES, default="auto", help="where torch computes (default: auto)")
     return parser
 
 

@@ -9,13 +9,14 @@ from components._common import (
     CHAMPION_DIR,
     batch_arguments,
     context,
+    device_argument,
     entry_point,
     parser,
     write_manifest,
 )
 from components.split import batch_data
 from pipeline.evaluate import bootstrap_mean, ndcg_at, rank_users, utility_metrics
-from pipeline.model import load_model
+from pipeline.model import device_facts, load_model, resolve_device
 from pipeline.settings import Settings
 from pipeline.splits import UnlearningData
 from pipeline.unlearn import LeakageProbe
@@ -37,12 +38,13 @@ def measure(model, data: UnlearningData, probe: LeakageProbe, settings: Settings
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = batch_arguments(parser("evaluate", __doc__)).parse_args(argv)
+    args = device_argument(batch_arguments(parser("evaluate", __doc__))).parse_args(argv)
+    device = resolve_device(args.device)  # before any work: --device cuda without one is an error
     settings, home = context(args)
     _, data = batch_data(args, home, settings)
     probe = LeakageProbe(data, settings)
-    before, _ = load_model(args.batch_dir / CHAMPION_DIR)
-    after, _ = load_model(args.batch_dir / CANDIDATE_DIR)
+    before, _ = load_model(args.batch_dir / CHAMPION_DIR, device)
+    after, _ = load_model(args.batch_dir / CANDIDATE_DIR, device)
     return write_manifest(
         args.batch_dir / "evaluate.json",
         {
@@ -51,6 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
             "non_members": len(data.non_members),
             "before": measure(before, data, probe, settings),
             "after": measure(after, data, probe, settings),
+            **device_facts(after),
         },
     )
 

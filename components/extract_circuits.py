@@ -8,6 +8,7 @@ from components._common import (
     CHAMPION_DIR,
     batch_arguments,
     context,
+    device_argument,
     entry_point,
     parser,
     read_manifest,
@@ -16,18 +17,19 @@ from components._common import (
 from components.drift import PROFILE_FILE
 from components.split import batch_data
 from pipeline.circuits import circuits_for
-from pipeline.model import load_model, make_windows
+from pipeline.model import device_facts, load_model, make_windows, resolve_device
 from pipeline.registry import Registry
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = batch_arguments(parser("extract_circuits", __doc__)).parse_args(argv)
+    args = device_argument(batch_arguments(parser("extract_circuits", __doc__))).parse_args(argv)
+    device = resolve_device(args.device)  # before any work: --device cuda without one is an error
     settings, home = context(args)
     drift = read_manifest(args.batch_dir / "drift.json")
     snapshot, data = batch_data(args, home, settings)
     registry = Registry(home, settings.mlflow)
     champion = registry.champion()
-    model, _ = load_model(registry.download_model_dir(champion.version, args.batch_dir / CHAMPION_DIR))
+    model, _ = load_model(registry.download_model_dir(champion.version, args.batch_dir / CHAMPION_DIR), device)
     config, max_len = settings.circuits, settings.model.max_len
     forget = make_windows(data.forget_sequences, max_len, data.forget_scored)
     retain = make_windows(data.retain_sequences, max_len)
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
     shutil.copy(args.batch_dir / PROFILE_FILE, home.circuits / PROFILE_FILE)
     return write_manifest(args.batch_dir / "extract_circuits.json", {
         "circuits": str(home.circuits), "model_version": str(champion.version), "sizes": circuits.group_sizes(),
-        "reasons": drift["reasons"],
+        "reasons": drift["reasons"], **device_facts(model),
     })  # fmt: skip
 
 

@@ -5,23 +5,32 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from components._common import context, entry_point, load_snapshot, parser, read_manifest, write_manifest
+from components._common import (
+    context,
+    device_argument,
+    entry_point,
+    load_snapshot,
+    parser,
+    read_manifest,
+    write_manifest,
+)
 from pipeline.recipe import META_FILE, RECIPE, model_meta, recipe_hash
 from pipeline.settings import Home, Settings
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cli = parser("train", __doc__)
+    cli = device_argument(parser("train", __doc__))
     cli.add_argument("--snapshot", type=Path, default=None, help="data snapshot folder (default: under home)")
     cli.add_argument("--out", type=Path, default=None, help="model folder (default: under home)")
     args = cli.parse_args(argv)
-    from pipeline.model import save_model  # torch: only when there is a model to train
+    from pipeline.model import resolve_device, save_model  # torch: only when there is a model to train
     from pipeline.train import train_base
 
+    device = resolve_device(args.device)  # before any work: --device cuda without one is an error
     settings, home = context(args)
     snapshot = load_snapshot(args, home, settings)  # without anything the ledger holds as honored
     out = args.out or home.base_model
-    model, report = train_base(snapshot, settings)
+    model, report = train_base(snapshot, settings, device=device)
     save_model(model, out, model_meta(snapshot, settings, lineage="base"))
     return write_manifest(out / "train.json", report)
 

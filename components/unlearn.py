@@ -14,23 +14,25 @@ from components._common import (
     CHAMPION_DIR,
     batch_arguments,
     context,
+    device_argument,
     entry_point,
     parser,
     write_manifest,
 )
 from components.split import batch_data
 from pipeline.circuits import Circuits
-from pipeline.model import load_model, save_model
+from pipeline.model import device_facts, load_model, resolve_device, save_model
 from pipeline.unlearn import method_named, run_unlearning
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cli = batch_arguments(parser("unlearn", __doc__))
+    cli = device_argument(batch_arguments(parser("unlearn", __doc__)))
     cli.add_argument(
         "--model", default="champion", help="'champion' (the registry's champion version) or a saved model folder"
     )
     cli.add_argument("--method", default=None, help="override unlearn.method (the DAG's fallback passes 'retrain')")
     args = cli.parse_args(argv)
+    device = resolve_device(args.device)  # before any work: --device cuda without one is an error
     settings, home = context(args)
     if args.method:
         method_named(args.method)  # an unknown name is a clear error here, not after loading the model
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
         shutil.rmtree(start_dir, ignore_errors=True)
         shutil.copytree(args.model, start_dir)
 
-    model, meta = load_model(start_dir)
+    model, meta = load_model(start_dir, device)
     circuits = None
     if method_named(settings.unlearn.method).needs_circuits and (home.circuits / "circuits.json").exists():
         circuits = Circuits.load(home.circuits)
@@ -79,6 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
             "kept_step": result.best_step,
             "aucs_at_kept_step": result.aucs,
             "wall_s": round(time.perf_counter() - started, 2),
+            **device_facts(model),
             "history": result.history,
         },
     )

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
-from pipeline.model import IGNORE, Windows, window_loss
+from pipeline.model import IGNORE, Windows, precision, window_loss
 from pipeline.settings import CircuitSettings
 
 GROUPS = ("forget_specific", "retain_specific", "shared", "inert")
@@ -98,19 +98,20 @@ def attribution_scores(
     count = 0
     sites = list(_sites(model, items))
     for batch in windows.batches(batch_size):
+        batch = batch.to(model.device)
         scored = batch.labels != IGNORE
         with _capture(model, items) as captured:
             loss = window_loss(model, batch) * scored.sum()  # the sum: each position's gradient is its own
         gradients = torch.autograd.grad(loss, [captured[site] for site in sites])
         for site, gradient in zip(sites, gradients, strict=True):
-            activation = captured[site].detach()
+            activation, gradient = captured[site].detach().float(), gradient.float()  # bf16 under CUDA autocast
             if site != "items":  # the item head runs on the scored positions only (model.scored_logits)
                 activation, gradient = activation[scored], gradient[scored]
             centred = activation - means[site]
             contribution = _per_unit(model, site, centred * gradient).abs().sum(dim=0)
             totals[site] = totals.get(site, 0) + contribution
         count += int(scored.sum())
-    return {site: total / max(count, 1) for site, total in totals.items()}
+    return {site: (total / max(count, 1)).cpu() for site, total in totals.items()}
 
 
 def top_units(scores: dict[str, torch.Tensor], fraction: float) -> dict[str, torch.Tensor]:
@@ -247,10 +248,12 @@ def site_means(
     count = 0
     with torch.no_grad(), _capture(model, items) as captured:
         for batch in windows.batches(batch_size):
-            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            batch = batch.to(model.device)
+            with precision(model):
+                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
             scored = batch.labels != IGNORE
             for site in _sites(model, items):
-                sums[site] = sums.get(site, 0) + captured[site][scored].sum(0)
+                sums[site] = sums.get(site, 0) + captured[site][scored].float().sum(0)
             count += int(scored.sum())
     return {site: total / max(count, 1) for site, total in sums.items()}
 
@@ -263,7 +266,7 @@ def mean_ablated(model: LlamaForCausalLM, units: set[tuple[str, int]], means: di
         chosen = sorted(index for name, index in units if name == site)
         if not chosen:
             continue
-        features = torch.zeros(means[site].shape[0], dtype=torch.bool)
+        features = torch.zeros(means[site].shape[0], dtype=torch.bool, device=means[site].device)
         if site.endswith("heads"):
             head_dim = means[site].shape[0] // model.config.num_attention_heads
             for head in chosen:
@@ -273,7 +276,7 @@ def mean_ablated(model: LlamaForCausalLM, units: set[tuple[str, int]], means: di
 
         def ablate(activation: torch.Tensor, features=features, mean=means[site]) -> torch.Tensor:
             activation = activation.clone()
-            activation[..., features] = mean[features]
+            activation[..., features] = mean[features].to(activation.dtype)
             return activation
 
         handles.append(_on_activation(module, site, ablate))

@@ -6,7 +6,9 @@ It reads a user's history and scores every item for the next position. Everythin
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +19,39 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from pipeline.data import BOS_TOKEN, FIRST_ITEM_TOKEN, PAD_TOKEN
 from pipeline.recipe import META_FILE
-from pipeline.settings import ModelSettings
+from pipeline.settings import DEVICES, ModelSettings
 
 IGNORE = -100
+
+
+def resolve_device(choice: str = "auto") -> torch.device:
+    """`auto`: the first CUDA device when one is visible, else the CPU. Asking for `cuda` without one is an
+    error, never a silent fall back to the CPU."""
+    if choice not in DEVICES:
+        raise ValueError(f"unknown device {choice!r}; choose one of {list(DEVICES)}")
+    cuda = torch.cuda.is_available()
+    if choice == "cuda" and not cuda:
+        raise ValueError("--device cuda: no CUDA device is visible to torch (torch.cuda.is_available() is False)")
+    if choice == "cpu" or not cuda:
+        return torch.device("cpu")
+    # deterministic cuBLAS (torch.use_deterministic_algorithms needs it); read when cuBLAS starts
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    return torch.device("cuda")
+
+
+def precision(model: LlamaForCausalLM) -> contextlib.AbstractContextManager:
+    """Mixed precision on CUDA (bf16 autocast; the weights and the optimiser stay fp32); full fp32 on the CPU,
+    where the reference figures come from."""
+    if model.device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def device_facts(model: LlamaForCausalLM) -> dict:
+    """What a manifest records of where a step computed."""
+    cuda = model.device.type == "cuda"
+    return {"device": str(model.device), "precision": "bf16-autocast" if cuda else "fp32",
+            **({"gpu": torch.cuda.get_device_name(model.device)} if cuda else {})}  # fmt: skip
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -56,11 +88,11 @@ def save_model(model: LlamaForCausalLM, directory: Path, meta: dict) -> None:
     (directory / META_FILE).write_text(json.dumps(meta, indent=2))
 
 
-def load_model(directory: Path) -> tuple[LlamaForCausalLM, dict]:
+def load_model(directory: Path, device: torch.device | str = "cpu") -> tuple[LlamaForCausalLM, dict]:
     directory = Path(directory)
     if not (directory / "config.json").exists():
         raise FileNotFoundError(f"{directory}: no saved model here (config.json missing)")
-    model = LlamaForCausalLM.from_pretrained(directory)
+    model = LlamaForCausalLM.from_pretrained(directory).to(device)
     model.eval()
     meta_path = directory / META_FILE
     return model, json.loads(meta_path.read_text()) if meta_path.exists() else {}
@@ -79,6 +111,13 @@ class Windows:
 
     def batch(self, index: torch.Tensor | slice) -> Windows:
         return Windows(self.users[index], self.input_ids[index], self.labels[index])
+
+    def to(self, device: torch.device) -> Windows:
+        """The windows on `device` (themselves when they are there already). Windows live on the CPU; the model
+        helpers move each batch to the model's device."""
+        if self.input_ids.device == device:
+            return self
+        return Windows(self.users.to(device), self.input_ids.to(device), self.labels.to(device))
 
     def batches(self, size: int) -> Iterator[Windows]:
         """Consecutive batches of at most `size` windows, in order."""
@@ -131,14 +170,16 @@ def scored_logits(model: LlamaForCausalLM, windows: Windows, grad_rows: torch.Te
 
     `grad_rows` (a boolean mask over the vocabulary): gradients reach only these rows of the tied item
     embedding, in both its roles (history input and item head); every other parameter gets its usual gradient."""
-    if grad_rows is None:
-        hidden = model.model(input_ids=windows.input_ids, attention_mask=windows.attention_mask).last_hidden_state
-        return model.lm_head(hidden[windows.labels != IGNORE])
-    weight = model.get_input_embeddings().weight
-    weight = torch.where(grad_rows[:, None], weight, weight.detach())
-    embedded = torch.nn.functional.embedding(windows.input_ids, weight)
-    hidden = model.model(inputs_embeds=embedded, attention_mask=windows.attention_mask).last_hidden_state
-    return hidden[windows.labels != IGNORE] @ weight.T
+    windows = windows.to(model.device)
+    with precision(model):
+        if grad_rows is None:
+            hidden = model.model(input_ids=windows.input_ids, attention_mask=windows.attention_mask).last_hidden_state
+            return model.lm_head(hidden[windows.labels != IGNORE]).float()
+        weight = model.get_input_embeddings().weight
+        weight = torch.where(grad_rows.to(model.device)[:, None], weight, weight.detach())
+        embedded = torch.nn.functional.embedding(windows.input_ids, weight)
+        hidden = model.model(inputs_embeds=embedded, attention_mask=windows.attention_mask).last_hidden_state
+        return (hidden[windows.labels != IGNORE] @ weight.T).float()
 
 
 def scored_labels(windows: Windows) -> torch.Tensor:
@@ -149,12 +190,14 @@ def scored_labels(windows: Windows) -> torch.Tensor:
 def window_loss(model: LlamaForCausalLM, windows: Windows, grad_rows: torch.Tensor | None = None) -> torch.Tensor:
     """Mean next-item cross-entropy over the scored positions of a batch of windows; `grad_rows` as in
     `scored_logits`."""
+    windows = windows.to(model.device)
     return torch.nn.functional.cross_entropy(scored_logits(model, windows, grad_rows), scored_labels(windows))
 
 
 def window_nll(model: LlamaForCausalLM, windows: Windows, grad_rows: torch.Tensor | None = None) -> torch.Tensor:
     """Per window: mean next-item cross-entropy over its scored positions, shape (n,); `grad_rows` as in
     `scored_logits`."""
+    windows = windows.to(model.device)
     scored = windows.labels != IGNORE
     logits = scored_logits(model, windows, grad_rows)
     losses = torch.nn.functional.cross_entropy(logits, scored_labels(windows), reduction="none")
@@ -175,8 +218,11 @@ def next_item_logits(
         inputs = torch.full((len(chunk), max_len), PAD_TOKEN, dtype=torch.long)
         for row, tokens in enumerate(chunk):
             inputs[row, : len(tokens)] = torch.tensor(tokens)
-        hidden = model.model(input_ids=inputs, attention_mask=(inputs != PAD_TOKEN).long()).last_hidden_state
-        rows.append(model.lm_head(hidden[torch.arange(len(chunk)), lengths - 1])[:, FIRST_ITEM_TOKEN:])
+        inputs, lengths = inputs.to(model.device), lengths.to(model.device)
+        with precision(model):
+            hidden = model.model(input_ids=inputs, attention_mask=(inputs != PAD_TOKEN).long()).last_hidden_state
+            last = model.lm_head(hidden[torch.arange(len(chunk), device=model.device), lengths - 1])
+        rows.append(last[:, FIRST_ITEM_TOKEN:].float().cpu())  # scores go on to numpy: on the CPU
     return torch.cat(rows) if rows else torch.zeros(0, model.config.vocab_size - FIRST_ITEM_TOKEN)
 
 
@@ -196,6 +242,7 @@ def position_stats(model: LlamaForCausalLM, windows: Windows, batch_size: int) -
     model.eval()
     users, log_probs, means, stds = [], [], [], []
     for batch in windows.batches(batch_size):
+        batch = batch.to(model.device)
         scored = batch.labels != IGNORE
         log_p = torch.log_softmax(scored_logits(model, batch), dim=-1)
         p = log_p.exp()
@@ -208,4 +255,4 @@ def position_stats(model: LlamaForCausalLM, windows: Windows, batch_size: int) -
     if not users:
         empty = np.zeros(0)
         return PositionStats(empty.astype(int), empty, empty, empty)
-    return PositionStats(*(torch.cat(part).numpy() for part in (users, log_probs, means, stds)))
+    return PositionStats(*(torch.cat(part).cpu().numpy() for part in (users, log_probs, means, stds)))

@@ -246,6 +246,7 @@ class Toleration(_Frozen):
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
 
 
+DEVICES = ("auto", "cpu", "cuda")  # --device of the torch steps: auto is CUDA when torch sees one
 STEPS = ("ingest", "claim", "split", "drift", "extract_circuits", "unlearn", "retrain", "evaluate", "gate", "report")
 
 

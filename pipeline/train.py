@@ -15,7 +15,7 @@ from transformers import LlamaForCausalLM
 
 from pipeline.data import Snapshot
 from pipeline.evaluate import most_popular_scores, ndcg_at, rank_users, ranks_of_targets, utility_metrics
-from pipeline.model import build_model, make_windows, seed_everything, window_loss
+from pipeline.model import build_model, device_facts, make_windows, seed_everything, window_loss
 from pipeline.progress import progress as progress_bar
 from pipeline.settings import Settings, TrainSettings
 
@@ -90,11 +90,13 @@ def fit(
     return history
 
 
-def train_base(snapshot: Snapshot, settings: Settings, progress: bool = True) -> tuple[LlamaForCausalLM, dict]:
-    """Train on members' training items; report test utility of the model and of MostPop."""
+def train_base(
+    snapshot: Snapshot, settings: Settings, progress: bool = True, device: torch.device | str = "cpu"
+) -> tuple[LlamaForCausalLM, dict]:
+    """Train on members' training items (on `device`); report test utility of the model and of MostPop."""
     members = snapshot.members
     train_sequences = snapshot.sequences(("train",), members)
-    model = build_model(snapshot.n_tokens, settings.model, settings.seed)
+    model = build_model(snapshot.n_tokens, settings.model, settings.seed).to(device)  # initialised on the CPU
     history = fit(model, train_sequences, train_sequences, snapshot.targets("val", members), settings, progress)
 
     test_histories = snapshot.sequences(("train", "val"), members)
@@ -111,6 +113,7 @@ def train_base(snapshot: Snapshot, settings: Settings, progress: bool = True) ->
         "test": utility_metrics(ranks, settings.eval.ks),
         "mostpop_test": utility_metrics(pop_ranks, settings.eval.ks),
         "members": int(len(members)),
+        **device_facts(model),
         "train_windows": int(len(make_windows(train_sequences, settings.model.max_len))),
     }
     return model, report

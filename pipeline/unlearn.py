@@ -65,7 +65,7 @@ def method_named(name: str) -> type[UnlearningMethod]:
 
 def token_log_probs(model: LlamaForCausalLM, windows: Windows, grad_rows: torch.Tensor | None = None) -> torch.Tensor:
     log_p = torch.log_softmax(scored_logits(model, windows, grad_rows), -1)
-    return log_p.gather(1, scored_labels(windows).unsqueeze(1)).squeeze(1)
+    return log_p.gather(1, scored_labels(windows).to(log_p.device).unsqueeze(1)).squeeze(1)
 
 
 class LeakageProbe:
@@ -191,7 +191,7 @@ class UnlearningMethod:
         """From one forward pass: the retain task loss (NLL) and the term that holds utility in place, which
         is that NLL or the mean KL(model before unlearning || model) at the scored positions."""
         log_p = torch.log_softmax(scored_logits(self.model, retain), -1)
-        task = torch.nn.functional.nll_loss(log_p, scored_labels(retain))
+        task = torch.nn.functional.nll_loss(log_p, scored_labels(retain).to(log_p.device))
         if self.settings.retain_loss == "nll":
             return task, task
         with torch.no_grad():
@@ -466,7 +466,8 @@ def parameter_masks(
     names = set().union(*(set(m) for m in masks.values()))
     for group in masks:
         for name in names:
-            masks[group][name] = torch.as_tensor(masks[group].get(name, torch.zeros_like(params[name]))).clone()
+            mask = torch.as_tensor(masks[group].get(name, torch.zeros_like(params[name])))
+            masks[group][name] = mask.to(params[name].device, copy=True)
     return masks
 
 
@@ -520,7 +521,8 @@ class RetrainFromScratch(UnlearningMethod):
         from pipeline.train import fit
 
         settings = self.full_settings
-        fresh = build_model(self.model.config.vocab_size, settings.model, settings.seed)
+        # initialised on the CPU, as the base was: the same seed gives the same start on any device
+        fresh = build_model(self.model.config.vocab_size, settings.model, settings.seed).to(self.model.device)
         fit(fresh, self.data.retain_sequences, self.data.val_histories, self.data.val_targets, settings, progress)
         self.model.load_state_dict(fresh.state_dict())
         self.model.eval()
