@@ -141,6 +141,11 @@ def entry_point(step: str, main: Callable[[list[str] | None], dict]) -> None:
     wanted, rest = outputs.parse_known_args()
     try:
         decisions = [(decision(step, name), Path(path)) for name, path in wanted.decision]  # before any work
+        if (world := int(os.environ.get("WORLD_SIZE", "1"))) > 1:  # torchrun, e.g. in a PyTorchJob
+            raise ValueError(
+                f"started as one of {world} processes (WORLD_SIZE={world}), but the steps run one process: "
+                "data-parallel unlearning is not built yet; set kubernetes.training_job to 1 node with 1 GPU"
+            )
         manifest = main(rest)
     except (SettingsError, FileNotFoundError, ConnectionError, ValueError) as error:
         print(f"lethe {step}: error: {error}", file=sys.stderr)

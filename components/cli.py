@@ -223,7 +223,7 @@ def ledger_command(args: argparse.Namespace) -> int:
 def k8s_command(args: argparse.Namespace) -> int:
     import yaml
 
-    from components.pods import bootstrap_pod, cluster_objects, render, step_pod
+    from components.pods import bootstrap_pod, cluster_objects, render, step_pod, training_job
 
     settings = load_settings(args.params)
     if args.k8s_command == "write":
@@ -237,6 +237,9 @@ def k8s_command(args: argparse.Namespace) -> int:
         return 0
     if args.bootstrap:
         print(yaml.safe_dump(render(bootstrap_pod(settings)), sort_keys=False), end="")
+        return 0
+    if args.training_job:
+        print(yaml.safe_dump(training_job(args.training_job, settings, args.batch_id), sort_keys=False), end="")
         return 0
     landing = args.deletion_log or f"{settings.kubernetes.home_mount}/landing"
     steps = [args.step] if args.step else list(STEPS)
@@ -284,6 +287,8 @@ def main(argv: list[str] | None = None) -> None:
     render.add_argument("--batch-id", default="<batch-id>", help="the batch the pods run (default: a placeholder)")
     render.add_argument("--deletion-log", default=None, help="the ingest pod's log (default: the volume's landing)")
     render.add_argument("--bootstrap", action="store_true", help="only the one-off pod that registers the base")
+    render.add_argument("--training-job", choices=("unlearn", "retrain"), default=None,
+                        help="only the step as a Kubeflow PyTorchJob (multi-GPU backbones)")  # fmt: skip
     write = kube_commands.add_parser("write", help="write the cluster objects into a folder (infra/k8s)")
     write.add_argument("folder", type=Path)
     args = cli.parse_args(argv)

@@ -16,6 +16,8 @@ plain dicts for YAML and for schema validation.
 
 from __future__ import annotations
 
+import re
+
 from kubernetes.client import models as k8s
 
 from components._common import MANIFEST_COPY_VARIABLE
@@ -161,6 +163,54 @@ def bootstrap_pod(settings: Settings) -> k8s.V1Pod:
     container.command, container.args = ["python", "-m", "components.cli"], ["bootstrap"]
     container.env = [e for e in container.env if e.name != MANIFEST_COPY_VARIABLE]  # no XCom: not an Airflow task
     return pod
+
+
+TRAINING_JOB_STEPS = ("unlearn", "retrain")
+
+
+def training_job(step: str, settings: Settings, batch_id: str) -> dict:
+    """A Kubeflow Training Operator PyTorchJob (kubeflow.org/v1) for a step beyond one GPU: the step's pod as
+    the template of a master and `nodes - 1` workers, its command under torchrun, which reads the rendezvous
+    the operator sets (PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR, PET_MASTER_PORT).
+    The steps run one process today (components._common refuses a larger WORLD_SIZE), so the default job is
+    one node with one GPU. Checked against infra/kubeflow/pytorchjob.schema.json and, for its pod templates,
+    the Kubernetes schema."""
+    if step not in TRAINING_JOB_STEPS:
+        raise ValueError(f"a training job runs {list(TRAINING_JOB_STEPS)}, not {step!r}")
+    job = settings.kubernetes.training_job
+    pod = step_pod(step, settings, batch_id)
+    container = pod.spec.containers[0]
+    container.name = "pytorch"  # the container the training operator configures
+    container.command = ["torchrun", "-m", *container.command[2:]]  # python -m components.X -> torchrun -m ...
+    container.env = [e for e in container.env if e.name != MANIFEST_COPY_VARIABLE]  # no XCom: not an Airflow pod
+    for kind in ("requests", "limits"):
+        getattr(container.resources, kind)["nvidia.com/gpu"] = str(job.gpus_per_node)
+    pod.spec.restart_policy = "OnFailure"
+    template = {"metadata": render(pod.metadata), "spec": render(pod.spec)}
+    for key in ("name", "namespace"):
+        template["metadata"].pop(key)
+    replica = {"restartPolicy": "OnFailure", "template": template}
+    replicas = {"Master": {"replicas": 1, **replica}}
+    if job.nodes > 1:
+        replicas["Worker"] = {"replicas": job.nodes - 1, **replica}
+    return {
+        "apiVersion": "kubeflow.org/v1",
+        "kind": "PyTorchJob",
+        "metadata": {
+            "name": re.sub(r"[^a-z0-9-]+", "-", f"{pod_name(step)}-{batch_id}".lower())[:63].strip("-"),
+            "namespace": settings.kubernetes.namespace,
+            "labels": dict(pod.metadata.labels),
+        },
+        "spec": {
+            "nprocPerNode": str(job.gpus_per_node),
+            "runPolicy": {
+                "cleanPodPolicy": "None",  # keep the pods of a finished job for their logs until the TTL
+                "backoffLimit": job.backoff_limit,
+                "ttlSecondsAfterFinished": job.ttl_after_finished_s,
+            },
+            "pytorchReplicaSpecs": replicas,
+        },
+    }
 
 
 def cluster_objects(settings: Settings) -> dict[str, list]:

@@ -250,6 +250,13 @@ DEVICES = ("auto", "cpu", "cuda")  # --device of the torch steps: auto is CUDA w
 STEPS = ("ingest", "claim", "split", "drift", "extract_circuits", "unlearn", "retrain", "evaluate", "gate", "report")
 
 
+class TrainingJobSettings(_Frozen):
+    nodes: int = Field(ge=1)
+    gpus_per_node: int = Field(ge=1)
+    backoff_limit: int = Field(ge=0)
+    ttl_after_finished_s: int = Field(ge=0)
+
+
 class KubernetesSettings(_Frozen):
     namespace: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
     service_account: str = Field(min_length=1)
@@ -274,6 +281,7 @@ class KubernetesSettings(_Frozen):
     retries: int = Field(ge=0)
     retry_delay_s: float = Field(ge=0.0)
     run_as_user: int = Field(ge=1)
+    training_job: TrainingJobSettings
 
     @model_validator(mode="after")
     def _known_steps(self) -> KubernetesSettings:

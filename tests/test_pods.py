@@ -250,3 +250,53 @@ def test_the_bootstrap_pod_run_here_registers_the_base_as_champion(tmp_path, tem
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "the champion is version 1 of lethe-recommender" in result.stdout
     assert champion(home) == "1"
+
+
+@pytest.mark.parametrize("nodes", [1, 3])
+def test_the_training_job_is_a_valid_pytorchjob_of_the_steps_pod_under_torchrun(nodes, settings):
+    import jsonschema
+
+    from components.pods import training_job
+
+    schema = json.loads((REPO / "infra" / "kubeflow" / "pytorchjob.schema.json").read_text())
+    cluster = settings.kubernetes.model_copy(update={"training_job": settings.kubernetes.training_job.model_copy(
+        update={"nodes": nodes, "gpus_per_node": 4})})  # fmt: skip
+    wide = settings.model_copy(update={"kubernetes": cluster})
+    for step in ("unlearn", "retrain"):
+        job = training_job(step, wide, "2026-12-06")
+        jsonschema.validate(job, schema)
+        assert job["metadata"]["name"] == f"lethe-{step}-2026-12-06" and job["spec"]["nprocPerNode"] == "4"
+        replicas = job["spec"]["pytorchReplicaSpecs"]
+        assert replicas["Master"]["replicas"] == 1
+        assert replicas.get("Worker", {}).get("replicas", 0) == nodes - 1
+        pod = render(step_pod(step, settings, "2026-12-06"))
+        for replica in replicas.values():
+            template = replica["template"]
+            as_pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x", **template["metadata"]},
+                      "spec": template["spec"]}  # fmt: skip
+            kubernetes_validate.validate(as_pod, KUBERNETES_VERSION, strict=True)
+            container, want = template["spec"]["containers"][0], pod["spec"]["containers"][0]
+            assert container["name"] == "pytorch"
+            assert container["command"] == ["torchrun", "-m", want["command"][2]] and container["args"] == want["args"]
+            assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
+            assert template["spec"]["nodeSelector"] == pod["spec"]["nodeSelector"]
+            assert "LETHE_MANIFEST_COPY" not in {e["name"] for e in container["env"]}
+    assert "--method" in training_job("retrain", settings, "b")["spec"]["pytorchReplicaSpecs"]["Master"]["template"][
+        "spec"]["containers"][0]["args"]  # fmt: skip
+    broken = training_job("unlearn", settings, "b")
+    broken["spec"]["runpolicy"] = broken["spec"].pop("runPolicy")  # a typo the CRD schema lets through silently
+    with pytest.raises(jsonschema.ValidationError, match="runpolicy"):
+        jsonschema.validate(broken, schema)
+    with pytest.raises(ValueError, match="a training job runs"):
+        training_job("gate", settings, "b")
+
+
+def test_a_step_started_as_one_of_several_processes_refuses_before_any_work(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "components.unlearn", "--home", str(tmp_path / "home"), "--batch-dir",
+         str(tmp_path / "batch")], capture_output=True, text=True, timeout=300, check=False, cwd=REPO,
+        env={**os.environ, "WORLD_SIZE": "8", "RANK": "0"},
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "lethe unlearn: error: started as one of 8 processes (WORLD_SIZE=8)" in result.stderr
+    assert not (tmp_path / "home").exists() and not (tmp_path / "batch").exists()
