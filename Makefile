@@ -20,22 +20,21 @@ install: $(VENV)/.installed
 # hadolint and checkov (the deployment files' linters) in their own environment: checkov pins other versions of
 # shared packages than the project's lock does. Locked by requirements/tools.txt.
 $(TOOLS)/.installed: requirements/tools.txt
-	$(PYTHON) -m venv $(TOOLS)
-	$(TOOLS)/bin/pip install --quiet --upgrade pip
-	$(TOOLS)/bin/pip install --quiet -r requirements/tools.txt
-	touch $@
 
 tools: $(TOOLS)/.installed
 
 # The Kubeflow pipeline's compiler in its own environment: kfp 2.17 pins kubernetes<31, the Airflow provider needs a
 # newer one. Locked by requirements/kfp.txt; infra/kfp/nightly_forgetting.yaml is compiled from params.yaml with it.
 $(KFP)/.installed: requirements/kfp.txt
-	$(PYTHON) -m venv $(KFP)
-	$(KFP)/bin/pip install --quiet --upgrade pip
-	$(KFP)/bin/pip install --quiet -r requirements/kfp.txt
-	touch $@
 
 kfp: $(KFP)/.installed
+
+# Either side environment, from its lock file.
+$(TOOLS)/.installed $(KFP)/.installed:
+	$(PYTHON) -m venv $(@D)
+	$(@D)/bin/pip install --quiet --upgrade pip
+	$(@D)/bin/pip install --quiet -r $<
+	touch $@
 
 kfp-compile: kfp
 	$(KFP)/bin/python infra/kfp/pipeline.py --out infra/kfp/nightly_forgetting.yaml

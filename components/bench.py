@@ -12,7 +12,7 @@ from pathlib import Path
 import mlflow
 import torch
 
-from components._common import context, entry_point, parser
+from components._common import context, device_argument, entry_point, parser
 from components.train import ensure_base_model
 from pipeline.bench import (
     TUNING_KEYS,
@@ -32,7 +32,7 @@ from pipeline.bench import (
     tuning_variants,
 )
 from pipeline.data import read_snapshot
-from pipeline.model import load_model
+from pipeline.model import device_facts, load_model, resolve_device
 from pipeline.registry import Registry
 
 
@@ -42,7 +42,7 @@ def _lines(records: list[dict]) -> str:
     )
 
 
-def base_provenance(directory: Path, meta: dict) -> dict:
+def base_provenance(directory: Path, meta: dict, model) -> dict:
     """Which base model every row started from: a base trained elsewhere (another ledger, older params, another
     CPU: the same seed gives other float rounding, hence other weights, on another processor) gives other
     figures, so the results name its weights' hash, its data snapshot, its own test utility and the machine."""
@@ -55,6 +55,7 @@ def base_provenance(directory: Path, meta: dict) -> dict:
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
+            **device_facts(model),  # where the grid computed: CUDA's bf16 rounds otherwise than the CPU's fp32
         },
         "weights_sha256": hashlib.sha256((directory / "model.safetensors").read_bytes()).hexdigest(),
         "snapshot_hash": meta.get("snapshot_hash"),
@@ -167,7 +168,7 @@ def judge(out: Path, settings) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cli = parser("bench", __doc__)
+    cli = device_argument(parser("bench", __doc__))
     mode = cli.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="one rate, one seed, few steps: a smoke run")
     mode.add_argument(
@@ -184,6 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     cli.add_argument("--out", type=Path, default=Path("results"), help="results folder (default: ./results)")
     args = cli.parse_args(argv)
+    device = resolve_device(args.device)  # before any work: --device cuda without one is an error
     settings, home = context(args)
     settings, bench = settings.for_bench(), settings.bench
     if args.judge:
@@ -193,11 +195,11 @@ def main(argv: list[str] | None = None) -> dict:
             update={"unlearn": settings.unlearn.model_copy(update={"max_steps": bench.quick_max_steps})}
         )
     base_dir = ensure_base_model(args.params, home, settings)
-    base, meta = load_model(base_dir)
+    base, meta = load_model(base_dir, device)
     snapshot = read_snapshot(home.snapshot)
     Registry(home, settings.mlflow)
     if args.tuning:
-        return tuning(base, snapshot, settings, args.out, base_provenance(base_dir, meta))
+        return tuning(base, snapshot, settings, args.out, base_provenance(base_dir, meta, base))
 
     batches = grid(bench, args.quick)
 
@@ -248,7 +250,7 @@ def main(argv: list[str] | None = None) -> dict:
         grid_wall_s = time.perf_counter() - started
         record = dict(
             retrain_floor=floors, circuit_stability=stability, circuit_faithfulness=faithful,
-            base_model=base_provenance(base_dir, meta), wall_s_total=grid_wall_s,
+            base_model=base_provenance(base_dir, meta, base), wall_s_total=grid_wall_s,
         )  # fmt: skip
         table, _ = write_report(args.out, rows, record, settings)
         for name in ("benchmark.json", "benchmark_summary.json", "benchmark.md", "pareto.png"):
