@@ -65,10 +65,10 @@ def test_a_retrain_after_a_deletion_never_sees_what_was_forgotten(tmp_path, monk
     seen = {}
     real = pipeline.train.train_base  # components.train imports it when it runs
 
-    def spy(snapshot, settings):
+    def spy(snapshot, settings, **options):
         seen["sequences"] = snapshot.sequences(("train",), snapshot.members)
         seen["items"] = snapshot.item_to_token()
-        return real(snapshot, settings)
+        return real(snapshot, settings, **options)
 
     monkeypatch.setattr(pipeline.train, "train_base", spy)
     train.main([*common, "--out", str(tmp_path / "model")])
