@@ -66,8 +66,8 @@ def plain_environment(settings: KubernetesSettings) -> dict[str, str]:
     }
 
 
-def _environment(settings: KubernetesSettings) -> list[k8s.V1EnvVar]:
-    plain = {**plain_environment(settings), MANIFEST_COPY_VARIABLE: XCOM_FILE}
+def _environment(settings: KubernetesSettings, xcom: bool) -> list[k8s.V1EnvVar]:
+    plain = {**plain_environment(settings), **({MANIFEST_COPY_VARIABLE: XCOM_FILE} if xcom else {})}
     secrets = [
         k8s.V1EnvVar(
             name=name,
@@ -81,8 +81,11 @@ def _environment(settings: KubernetesSettings) -> list[k8s.V1EnvVar]:
     return [k8s.V1EnvVar(name=name, value=value) for name, value in plain.items()] + secrets
 
 
-def step_pod(step: str, settings: Settings, batch_id: str, deletion_log: str | None = None) -> k8s.V1Pod:
-    """The pod that runs one step of batch `batch_id` (a name, or a Jinja expression in the DAG)."""
+def step_pod(
+    step: str, settings: Settings, batch_id: str, deletion_log: str | None = None, xcom: bool = True
+) -> k8s.V1Pod:
+    """The pod that runs one step of batch `batch_id` (a name, or a Jinja expression in the DAG); with `xcom`,
+    the step also leaves its manifest where KubernetesPodOperator's sidecar reads it (an Airflow task's pod)."""
     cluster = settings.kubernetes
     module, _ = invocation(step, deletion_log)
     kind = cluster.kind(step)
@@ -93,7 +96,7 @@ def step_pod(step: str, settings: Settings, batch_id: str, deletion_log: str | N
         image_pull_policy=cluster.image_pull_policy,
         command=["python", "-m", f"components.{module}"],
         args=arguments(step, PARAMS_FILE, batch_dir, deletion_log),
-        env=_environment(cluster),
+        env=_environment(cluster, xcom),
         resources=_resources(cluster, kind),
         volume_mounts=[
             k8s.V1VolumeMount(name="lethe-home", mount_path=cluster.home_mount),
@@ -156,12 +159,11 @@ def render(obj) -> dict:
 def bootstrap_pod(settings: Settings) -> k8s.V1Pod:
     """The one-off pod that prepares the data, trains the base and registers it as champion (`lethe bootstrap`):
     the unlearn pod's image, GPU, volume, params and secrets, running the command instead of a step."""
-    pod = step_pod("unlearn", settings, batch_id="bootstrap")
+    pod = step_pod("unlearn", settings, batch_id="bootstrap", xcom=False)  # not an Airflow task: no XCom
     pod.metadata.name = "lethe-bootstrap"
     pod.metadata.labels["app.kubernetes.io/component"] = "bootstrap"
     container = pod.spec.containers[0]
     container.command, container.args = ["python", "-m", "components.cli"], ["bootstrap"]
-    container.env = [e for e in container.env if e.name != MANIFEST_COPY_VARIABLE]  # no XCom: not an Airflow task
     return pod
 
 
@@ -178,11 +180,10 @@ def training_job(step: str, settings: Settings, batch_id: str) -> dict:
     if step not in TRAINING_JOB_STEPS:
         raise ValueError(f"a training job runs {list(TRAINING_JOB_STEPS)}, not {step!r}")
     job = settings.kubernetes.training_job
-    pod = step_pod(step, settings, batch_id)
+    pod = step_pod(step, settings, batch_id, xcom=False)  # not an Airflow task: no XCom
     container = pod.spec.containers[0]
     container.name = "pytorch"  # the container the training operator configures
     container.command = ["torchrun", "-m", *container.command[2:]]  # python -m components.X -> torchrun -m ...
-    container.env = [e for e in container.env if e.name != MANIFEST_COPY_VARIABLE]  # no XCom: not an Airflow pod
     for kind in ("requests", "limits"):
         getattr(container.resources, kind)["nvidia.com/gpu"] = str(job.gpus_per_node)
     pod.spec.restart_policy = "OnFailure"

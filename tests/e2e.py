@@ -188,13 +188,13 @@ def require_postgres() -> None:
     pytest.skip(message)
 
 
-def postgres_schema_url(host_port: str = "127.0.0.1:5432") -> str:
+def postgres_schema_url(host_port: str = "127.0.0.1:5432", prefix: str = "lethe") -> str:
     """A fresh schema in the test database (every test starts from an empty ledger), reached at `host_port`."""
     import uuid
 
     import sqlalchemy as sa
 
-    schema = f"lethe_{uuid.uuid4().hex[:12]}"
+    schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
     with sa.create_engine(POSTGRES).begin() as connection:
         connection.execute(sa.text(f"CREATE SCHEMA {schema}"))
     return f"postgresql+psycopg2://postgres@{host_port}/test?options=-csearch_path%3D{schema}"

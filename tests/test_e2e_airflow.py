@@ -24,7 +24,19 @@ import pytest
 from components.cli import airflow_env
 from pipeline.data import read_snapshot
 from pipeline.settings import Home
-from tests.e2e import CHEAP, POSTGRES, champion, check_books, client, lethe, new_home, ran, request_line
+from tests.e2e import (
+    CHEAP,
+    POSTGRES,
+    champion,
+    check_books,
+    client,
+    lethe,
+    new_home,
+    postgres_schema_url,
+    ran,
+    request_line,
+    require_postgres,
+)
 
 pytestmark = pytest.mark.e2e
 AIRFLOW = str(Path(sys.executable).with_name("airflow"))
@@ -70,20 +82,14 @@ def wait_for(what: str, check, timeout: float, logs: list[Path]):
 @pytest.fixture
 def airflow_schema():
     """A fresh PostgreSQL schema for the metadata database, dropped afterwards."""
-    import uuid
-
     import sqlalchemy as sa
 
-    from tests.e2e import require_postgres
-
     require_postgres()
-    schema = f"airflow_{uuid.uuid4().hex[:12]}"
+    url = postgres_schema_url(prefix="airflow")
+    yield url
     engine = sa.create_engine(POSTGRES)
     with engine.begin() as connection:
-        connection.execute(sa.text(f"CREATE SCHEMA {schema}"))
-    yield f"{POSTGRES}?options=-csearch_path%3D{schema}"
-    with engine.begin() as connection:
-        connection.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
+        connection.execute(sa.text(f"DROP SCHEMA {url.rsplit('%3D', 1)[1]} CASCADE"))
     engine.dispose()
 
 

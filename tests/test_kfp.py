@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from components.contract import DECISIONS
-from components.pods import PARAMS_DIR, render, step_pod
+from components.pods import PARAMS_DIR, plain_environment, render, step_pod
 from pipeline.pii import DEVELOPMENT_KEY
 from pipeline.settings import STEPS, Settings, load_settings
 from tests.conftest import REPO
@@ -78,7 +78,7 @@ def test_every_container_is_its_steps_pod(compiled, settings):
             assert decisions[: len(want["args"])] == want["args"] and len(decisions) == len(want["args"]) + len(
                 DECISIONS.get(step, {})
             ), (name, container["args"])
-            plain = {e["name"]: e["value"] for e in want["env"] if "value" in e and e["name"] != "LETHE_MANIFEST_COPY"}
+            plain = plain_environment(settings.kubernetes)  # the pod's, without the Airflow XCom path
             assert {e["name"]: e["value"] for e in container["env"]} == plain, name
             limits, requests = want["resources"]["limits"], want["resources"]["requests"]
             resources = container["resources"]
