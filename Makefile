@@ -7,7 +7,7 @@ LETHE_HOME ?= $(CURDIR)/.lethe
 PYTHON     ?= python3
 export LETHE_HOME
 
-.PHONY: nightly test install tools kfp kfp-compile services mlflow-server lint lock lock-tools lock-kfp clean bench bench-ingest
+.PHONY: nightly test install tools kfp kfp-compile services browser mlflow-server lint lock lock-tools lock-kfp clean bench bench-ingest
 
 $(VENV)/.installed: pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -55,7 +55,15 @@ services:
 		pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql) main start && sleep 2; } || \
 		echo "make: no PostgreSQL server at 127.0.0.1:5432: the PostgreSQL tests skip, or fail under CI"
 
-test: install tools kfp services
+# Debian's Chromium for the test that opens the audit report in a real browser: installed if missing and apt-get
+# can (as root). Under CI a missing browser fails that test; elsewhere it skips and says why.
+browser:
+	@command -v chromium >/dev/null || { command -v apt-get >/dev/null && \
+		{ apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || \
+		  { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1; }; }; } || \
+		echo "make: no chromium: the browser test skips, or fails under CI"
+
+test: install tools kfp services browser
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 

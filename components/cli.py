@@ -6,9 +6,15 @@ lethe bootstrap                       prepare, train and register the base model
 lethe sample-log --out PATH           write a deletion log for a few random members (a demo batch)
 lethe prepare | lethe train           the first two steps on their own
 lethe bench [--quick|--tuning|--judge]  every unlearning method against retraining
+lethe calibrate [--out DIR]           the gate's leakage test on retrained models, and its power (resumable)
 lethe ingest PATH_OR_URI              take a deletion log into the ledger and validate it (no batch)
 lethe ledger status                   requests by state, as JSON
 lethe ledger show REQUEST_ID          one request's history: states, times, batch, model version, reason
+lethe ledger verify                   recompute the events' hash chain; name the first broken event (exit 1)
+lethe audit [--since DATE] [--request ID]  every honored request's evidence in one cumulative test; the report
+lethe receipt REQUEST_ID [--out F]    a signed deletion receipt (JSON and HTML) for an honored request
+lethe receipt --verify F              check a receipt's signature and its ledger entry (exit 1 if it fails)
+lethe receipt --keygen DIR            write an Ed25519 key pair for receipts (LETHE_RECEIPT_KEY_FILE names it)
 """
 
 from __future__ import annotations
@@ -212,11 +218,46 @@ def ledger_command(args: argparse.Namespace) -> int:
     if args.ledger_command == "status":
         print(json.dumps({**ledger.counts(), "schema_version": ledger.schema_version()}))
         return 0
+    if args.ledger_command == "verify":
+        result = ledger.verify()
+        print(json.dumps(result, indent=2))
+        if not result["ok"]:
+            broken = result["first_broken_event"] or result["first_inconsistent_request"]
+            print(f"lethe ledger verify: the ledger was altered: {broken}", file=sys.stderr)
+        return 0 if result["ok"] else 1
     history = ledger.history(args.request_id)
     if history is None:
         print(f"lethe ledger show: no request {args.request_id!r} in the ledger", file=sys.stderr)
         return 1
     print(json.dumps(history, indent=2))
+    return 0
+
+
+def receipt_command(args: argparse.Namespace) -> int:
+    from pipeline import receipts
+
+    if args.keygen:
+        secret, public = receipts.generate_keys(Path(args.keygen))
+        print(f"lethe: wrote {secret} (keep it secret: set {receipts.KEY_VARIABLE} to it) and {public} (publish it)")
+        return 0
+    ledger, settings, _ = ledger_for(args)
+    try:
+        if args.verify:
+            receipt = json.loads(Path(args.verify).read_text())
+            checked = receipts.verify(receipt, ledger, receipts.load_public_key(args.public_key))
+            print(json.dumps({"verified": True, **checked}))
+            return 0
+        if not args.request_id:
+            raise receipts.ReceiptError("name a request id, or --verify FILE, or --keygen DIR")
+        receipt = receipts.issue(ledger, args.request_id, settings.mlflow.registered_model)
+    except (receipts.ReceiptError, json.JSONDecodeError) as error:
+        print(f"lethe receipt: {'verification failed: ' if args.verify else ''}{error}", file=sys.stderr)
+        return 1
+    out = Path(args.out or f"receipt-{receipt['payload']['request']['hashed_id']}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(receipt, indent=2))
+    out.with_suffix(".html").write_text(receipts.render_html(receipt))
+    print(f"lethe: wrote {out} and {out.with_suffix('.html')}")
     return 0
 
 
@@ -272,6 +313,12 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--tuning", action="store_true", help="choose hyperparameters on bench.tuning.seeds")
     bench.add_argument("--judge", action="store_true", help="the verdicts again from --out's rows, no rerun")
     bench.add_argument("--out", default="results")
+    audit = commands.add_parser("audit", help="combine every honored request's evidence; write the auditor's report")
+    audit.add_argument("--since", default=None, help="only requests honored from this date (YYYY-MM-DD, UTC)")
+    audit.add_argument("--request", default=None, help="only this request")
+    audit.add_argument("--out", default=None, help="report folder (default: $LETHE_HOME/audit)")
+    calibrate = commands.add_parser("calibrate", help="the gate's leakage test on retrained models, and its power")
+    calibrate.add_argument("--out", default="results")
     intake = commands.add_parser("ingest", help="take a deletion log into the ledger and validate it")
     intake.add_argument("source", help="a .jsonl file, a folder of them, or s3://bucket/prefix/")
     intake.add_argument("--snapshot", type=Path, default=None, help="data snapshot (default: under home)")
@@ -280,6 +327,13 @@ def main(argv: list[str] | None = None) -> None:
     book_commands.add_parser("status", help="requests by state, as JSON")
     show = book_commands.add_parser("show", help="one request's history, as JSON")
     show.add_argument("request_id")
+    book_commands.add_parser("verify", help="recompute the hash chain; name the first broken event")
+    receipt = commands.add_parser("receipt", help="a signed deletion receipt, or check one")
+    receipt.add_argument("request_id", nargs="?", default=None)
+    receipt.add_argument("--out", default=None, help="receipt file (default: ./receipt-<hashed id>.json; .html beside)")
+    receipt.add_argument("--verify", default=None, metavar="FILE", help="check this receipt instead")
+    receipt.add_argument("--public-key", type=Path, default=None, help="the team's public key (default: from the key)")
+    receipt.add_argument("--keygen", default=None, metavar="DIR", help="write a new key pair into DIR")
     kube = commands.add_parser("k8s", help="the Kubernetes objects of `nightly.executor: kubernetes`, as YAML")
     kube_commands = kube.add_subparsers(dest="k8s_command", required=True)
     render = kube_commands.add_parser("render", help="print the step pods and the cluster objects")
@@ -299,13 +353,15 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(ingest(args))
         if args.command == "ledger":
             sys.exit(ledger_command(args))
+        if args.command == "receipt":
+            sys.exit(receipt_command(args))
         if args.command == "nightly":
             sys.exit(nightly(args))
         if args.command == "bootstrap":
             sys.exit(bootstrap(args))
         if args.command == "sample-log":
             sys.exit(sample_log(args))
-        from components import bench, prepare, train
+        from components import audit, bench, calibrate, prepare, train
 
         common = [
             *(["--params", str(args.params)] if args.params else []),
@@ -322,6 +378,13 @@ def main(argv: list[str] | None = None) -> None:
                     *(["--judge"] if args.judge else []),
                 ]
             )
+            return
+        if args.command == "audit":
+            options = [("--since", args.since), ("--request", args.request), ("--out", args.out)]
+            audit.main([*common, *(part for name, value in options if value for part in (name, value))])
+            return
+        if args.command == "calibrate":
+            calibrate.main([*common, "--out", args.out])
             return
         step = {"prepare": prepare, "train": train}[args.command]
         step.main(common)

@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
     shutil.copy(args.batch_dir / PROFILE_FILE, home.circuits / PROFILE_FILE)
     return write_manifest(args.batch_dir / "extract_circuits.json", {
         "circuits": str(home.circuits), "model_version": str(champion.version), "sizes": circuits.group_sizes(),
+        "sizes_by_site": circuits.sizes_by_site(),
         "reasons": drift["reasons"], **device_facts(model),
     })  # fmt: skip
 

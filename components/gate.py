@@ -27,6 +27,29 @@ def flatten(prefix: str, value) -> dict[str, object]:
     return {prefix: value}
 
 
+TEST_FIGURES = ("auc", "p_value", "p_holm", "z", "mde", "n_forgotten", "n_reference")
+
+
+def request_evidence(evaluation: dict, batch_id: str, version, settings):
+    """What each honored request's event keeps (numbers and hashes only): the batch's test per attack, its
+    power, the thresholds it was judged by, utility's bound, and the request's own user's item_rank z."""
+    leakage, utility = evaluation["after"].get("leakage", {}), evaluation.get("utility") or {}
+    batch = {
+        "batch_id": batch_id,
+        "model_version": str(version),
+        "gate": {
+            "alpha": settings.gate.alpha,
+            "power": settings.gate.power,
+            "max_ndcg_drop": settings.gate.max_ndcg_drop,
+        },
+        "tests": {a: {k: t[k] for k in TEST_FIGURES} for a, t in leakage.get("tests", {}).items()},
+        "design_effect": leakage.get("design_effect"),
+        "utility": {"ratio": utility.get("ratio", {}).get("value"), "lower_bound": utility.get("lower_bound")},
+    }
+    per_user = evaluation["after"].get("per_user", {})
+    return lambda user_key: {**batch, "user": per_user.get(user_key)}
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = batch_arguments(parser("gate", __doc__)).parse_args(argv)
     settings, home = context(args)
@@ -35,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     unlearned = read_manifest(args.batch_dir / "unlearn.json")
     before, after = evaluation["before"], evaluation["after"]
     after_auc = {attack: estimate["value"] for attack, estimate in after["mia_auc"].items()}
-    decision = decide(after["ndcg10"], before["ndcg10"], after_auc, settings.gate)
+    decision = decide(evaluation.get("utility"), after.get("leakage"), settings.gate)
 
     # the ledger is reached before anything is promoted: a ledger that is down stops the gate here, not after
     ledger = open_ledger(settings, home, f"batch {batch_id}")
@@ -45,6 +68,10 @@ def main(argv: list[str] | None = None) -> dict:
         for stage, figures in (("before", before), ("after", after)):
             mlflow.log_metrics({f"{stage}.{k}": v for k, v in figures.items() if isinstance(v, float)})
             mlflow.log_metrics({f"{stage}.mia_auc.{a}": e["value"] for a, e in figures["mia_auc"].items()})
+            for attack, test in figures.get("leakage", {}).get("tests", {}).items():
+                mlflow.log_metrics({f"{stage}.leakage.{attack}.{key}": test[key] for key in ("p_value", "p_holm", "z")})
+        if evaluation.get("utility"):
+            mlflow.log_metrics({"utility.ndcg10_ratio_lower_bound": evaluation["utility"]["lower_bound"]})
         for row in unlearned["history"]:
             mlflow.log_metrics({k: v for k, v in row.items() if k.startswith("auc_")}, step=row["step"])
         for name in ("ingest", "claim", "split", "drift", "extract_circuits", "unlearn", "evaluate"):
@@ -78,7 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
     # claim settles them from the registry's record (components.claim.recover).
     hook_point("gate.promoted")
     if decision.passed:
-        outcome = {"honored": ledger.honor(batch_id, version.version)}
+        evidence = request_evidence(evaluation, batch_id, version.version, settings)
+        outcome = {"honored": ledger.honor(batch_id, version.version, evidence)}
     else:
         outcome = ledger.fail(
             batch_id, "gate_rejected", " | ".join(decision.reasons), settings.ledger.max_failed_nights

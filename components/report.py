@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     summary = summarize(batch_id, manifests)
     history = manifests.get("unlearn", {}).get("history")
-    plot = plot_unlearning(history, settings.unlearn.target_auc_band, batch_dir / "unlearning.png") if history else None
+    tolerance = settings.unlearn.stop_tolerance_z
+    plot = plot_unlearning(history, tolerance, batch_dir / "unlearning.png") if history else None
     (batch_dir / "report.html").write_text(render_html(summary, plot.name if plot else None))
 
     if summary["mlflow_run_id"]:

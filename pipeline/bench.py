@@ -39,7 +39,7 @@ from pipeline.model import Windows, make_windows, scored_logits
 from pipeline.requests import DeletionRequest
 from pipeline.settings import BenchSettings, Settings
 from pipeline.splits import UnlearningData, build_split, unlearning_data
-from pipeline.unlearn import LeakageProbe, UnlearnResult, in_band, run_unlearning
+from pipeline.unlearn import LeakageProbe, UnlearnResult, run_unlearning
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,8 @@ def measure(
     logits_ranks = rank_users(model, data.eval_histories, data.eval_targets, max_len, batch)
     ranks = np.array([logits_ranks[u] for u in users])
     utility = utility_metrics(ranks, (10,))
-    scores = probe.scores(model)
+    evidence = probe.evidence(model)
+    scores = {attack: {**v["reference"], **v["forgotten"]} for attack, v in evidence.user_scores.items()}
     per_user = {
         "ndcg10": ndcg_at(ranks, 10),
         **{
@@ -170,6 +171,10 @@ def measure(
         "hr10_retain": utility["hr10"],
         "ndcg10_forget_train": memorisation_ndcg(model, data, max_len, batch),
         **{f"mia_auc_{attack}": auc(*per_user[attack]) for attack in ATTACKS},
+        # the gate's test on this row (pipeline.leakage): item_rank's AUC, and every attack's Holm p-value
+        "mia_auc_item_rank": evidence.tests["item_rank"].auc,
+        **{f"leak_p_holm_{attack}": test.p_holm for attack, test in evidence.tests.items()},
+        "leak_detected": evidence.leak,
     }
     return figures, per_user
 
@@ -247,12 +252,11 @@ def method_row(
     """One row: a model's figures, its divergence from the retrained model, and its paired comparison."""
     figures, per_user = measure(model, data, reference.probe, settings)
     log.info("%s: %.1fs, ndcg10 %.4f, auc loss %.3f", name, wall, figures["ndcg10_retain"], figures["mia_auc_loss"])
-    retrain_loss = reference.figures["mia_auc_loss"]
     distributions = next_item_distributions(model, data, settings.model.max_len)
     return {
         "method": name, "scope": setting.scope, "deletion_rate": setting.deletion_rate, "seed": seed,
         **figures,
-        "privleak": (figures["mia_auc_loss"] - retrain_loss) / retrain_loss,
+        "privleak": privleak(figures["mia_auc_mink"], reference.figures["mia_auc_mink"]),
         "jsd_to_retrain": jensen_shannon(distributions, reference.distributions),
         "wall_s": wall, "speedup_vs_retrain": reference.wall / wall if wall else None, "peak_mem_mb": memory,
         "forgotten_users": len(data.forgotten_users), "eval_users": len(data.eval_targets),
@@ -293,9 +297,29 @@ def benchmark_setting(
 FRACTIONS = ("forget_fraction", "retain_fraction")  # CURE's circuit sizes, which the tuning rule chooses
 
 
+def privleak(auc_mink: float, retrain_auc_mink: float) -> float:
+    """MUSE's PrivLeak as open-unlearning computes it: 100 (r - a) / (1 - r) on the Min-K% AUCs of the unlearned
+    model (a) and of retrain (r), AUCs taken the conventional way (higher: more member-like). 0 is retrain;
+    negative means the forgotten users still look like members (under-unlearning), positive that they look
+    less like members than under retrain (over-unlearning)."""
+    return 100.0 * (retrain_auc_mink - auc_mink) / (1.0 - retrain_auc_mink)
+
+
+def with_privleak(rows: list[dict]) -> list[dict]:
+    """Rows with `privleak` derived from their Min-K% AUC and the same batch's retrain row (a derived figure:
+    judging recomputes it, the measured AUCs stay as they are)."""
+    retrain = {(r["scope"], r["deletion_rate"], r["seed"]): r["mia_auc_mink"] for r in rows if r["method"] == "retrain"}
+    return [
+        {**r, "privleak": privleak(r["mia_auc_mink"], retrain[(r["scope"], r["deletion_rate"], r["seed"])])}
+        if (r["scope"], r["deletion_rate"], r["seed"]) in retrain
+        else r
+        for r in rows
+    ]
+
+
 def forgot(entry: dict, band: tuple[float, float]) -> bool:
-    """Whether a row or a mean over seeds lies inside the stopping rule's target band on every attack."""
-    return in_band({attack: entry[f"mia_auc_{attack}"] for attack in ATTACKS}, band)
+    """Whether a row or a mean over seeds lies inside the benchmark's AUC band on every attack."""
+    return all(band[0] <= entry[f"mia_auc_{attack}"] <= band[1] for attack in ATTACKS)
 
 
 def tuning_variants(settings: Settings) -> list[tuple[dict, Settings]]:
@@ -604,7 +628,7 @@ def acceptance(rows: list[dict], summary: list[dict], grid_wall_s: float, settin
     # rivals are the methods that forgot (mean AUC inside the stopping rule's target band on every attack).
     # If none did, every other method is a rival, and the criterion's name says so.
     others = {m: v for m, v in by_seed.items() if m != "cure"}
-    passed_over = sorted(m for m in others if not forgot(at[m], settings.unlearn.target_auc_band))
+    passed_over = sorted(m for m in others if not forgot(at[m], settings.bench.auc_band))
     if len(passed_over) < len(others):
         others = {m: v for m, v in others.items() if m not in passed_over}
         note = f"; only methods that forgot count, not {', '.join(passed_over)}" if passed_over else ""

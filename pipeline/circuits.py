@@ -158,6 +158,10 @@ class Circuits:
     def group_sizes(self) -> dict[str, int]:
         return {group: int(sum(mask.sum() for mask in masks.values())) for group, masks in self.groups.items()}
 
+    def sizes_by_site(self) -> dict[str, dict[str, int]]:
+        """Per group, the units of each site (layerN.heads, layerN.neurons, items): the circuits per layer."""
+        return {group: {site: int(mask.sum()) for site, mask in masks.items()} for group, masks in self.groups.items()}
+
     def units(self, group: str) -> set[tuple[str, int]]:
         return {(site, int(i)) for site, mask in self.groups[group].items() for i in torch.nonzero(mask).flatten()}
 
@@ -167,7 +171,8 @@ class Circuits:
         tensors |= {f"retain/{s}": t for s, t in self.retain_scores.items()}
         tensors |= {f"{g}/{s}": m.to(torch.uint8) for g, masks in self.groups.items() for s, m in masks.items()}
         save_file({k: v.contiguous() for k, v in tensors.items()}, directory / "circuits.safetensors")
-        (directory / "circuits.json").write_text(json.dumps({**self.meta, "sizes": self.group_sizes()}, indent=2))
+        sizes = {"sizes": self.group_sizes(), "sizes_by_site": self.sizes_by_site()}
+        (directory / "circuits.json").write_text(json.dumps({**self.meta, **sizes}, indent=2))
 
     @classmethod
     def load(cls, directory: Path) -> Circuits:
@@ -180,7 +185,8 @@ class Circuits:
             prefix, site = key.split("/", 1)
             split.setdefault(prefix, {})[site] = value if prefix in ("forget", "retain") else value.bool()
         meta = json.loads((directory / "circuits.json").read_text())
-        meta.pop("sizes", None)
+        for derived in ("sizes", "sizes_by_site"):
+            meta.pop(derived, None)
         return cls(split["forget"], split["retain"], {g: split.get(g, {}) for g in GROUPS}, meta)
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from pipeline.data import FIRST_ITEM_TOKEN
-from pipeline.gate import ATTACKS
+from pipeline.leakage import USER_ATTACKS as ATTACKS
 from pipeline.model import PositionStats
 
 

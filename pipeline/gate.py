@@ -1,19 +1,23 @@
 """The promotion gate: our own code, thresholds from params.yaml.
 
-A candidate passes when ranking quality on retained users holds against the champion on the same
-users, and the forgotten users look like strangers to every membership attack: inside a band around
-0.5, since far below 0.5 is a leak too (they stand out by looking worse than strangers).
+A candidate passes when
+- utility is non-inferior: the one-sided (1 - alpha) paired-bootstrap lower bound of candidate / champion mean
+  NDCG@10 on the same retained users is at least 1 - gate.max_ndcg_drop; and
+- no attack finds the forgotten users distinguishable from strangers: H0 (exchangeable with non-members) is
+  not rejected by any attack after Holm's correction at gate.alpha, in either direction (pipeline.leakage).
+Every decision keeps each attack's p-value, n and minimum detectable AUC (its power), so a pass on a batch too
+small to detect anything says so.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
+from pipeline.leakage import ATTACKS, USER_ATTACKS
 from pipeline.settings import GateSettings
 
-# The membership-inference attacks: pipeline.evaluate runs each, and a candidate must be measured on each to pass.
-# Defined here, in a module without torch, so that the gate and the report start fast.
-ATTACKS = ("loss", "mink", "minkpp")
+__all__ = ["ATTACKS", "USER_ATTACKS", "GateDecision", "decide", "worst_case_auc"]
 
 
 @dataclass(frozen=True)
@@ -26,27 +30,30 @@ class GateDecision:
         return "passed" if self.passed else "rejected"
 
 
-def decide(
-    candidate_ndcg10: float, champion_ndcg10: float, leakage_auc: dict[str, float], settings: GateSettings
-) -> GateDecision:
+def decide(utility: dict, leakage: dict, settings: GateSettings) -> GateDecision:
+    """`utility`: components.evaluate.non_inferiority's record; `leakage`: LeakageEvidence.as_dict()."""
     reasons = []
-    floor = (1.0 - settings.max_ndcg_drop) * champion_ndcg10
-    if not candidate_ndcg10 >= floor:
+    floor = 1.0 - settings.max_ndcg_drop
+    bound = utility.get("lower_bound", float("nan")) if utility else float("nan")
+    if not bound >= floor:  # NaN fails
+        ratio = utility.get("ratio", {}).get("value", float("nan")) if utility else float("nan")
         reasons.append(
-            f"NDCG@10 {candidate_ndcg10:.4f} is below {floor:.4f} = (1 - {settings.max_ndcg_drop}) x the "
-            f"champion's {champion_ndcg10:.4f}"
+            f"NDCG@10 not shown non-inferior: candidate / champion {ratio:.4f}, one-sided {1 - settings.alpha:.0%} "
+            f"lower bound {bound:.4f} < {floor:.4f} = 1 - {settings.max_ndcg_drop}"
         )
-    if not leakage_auc:
+    tests = (leakage or {}).get("tests", {})
+    if not tests:
         reasons.append("no leakage measurement: no forgotten user could be scored")
-    else:
-        reasons += [
-            f"no leakage measurement for the {attack} attack" for attack in ATTACKS if attack not in leakage_auc
-        ]
-    for attack, value in sorted(leakage_auc.items()):
-        if not settings.min_leakage_auc <= value <= settings.max_leakage_auc:  # NaN is outside any band
+    reasons += [f"no leakage measurement for the {attack} attack" for attack in ATTACKS if attack not in tests]
+    for attack, test in sorted(tests.items()):
+        p_holm = test.get("p_holm", float("nan"))
+        if math.isnan(p_holm):
+            reasons.append(f"{attack}: no p-value (nothing of the batch could be scored by it)")
+        elif p_holm <= settings.alpha:
+            side = "above" if test["auc"] > 0.5 else "below"
             reasons.append(
-                f"MIA AUC ({attack}) {value:.3f} is outside the leakage band "
-                f"[{settings.min_leakage_auc}, {settings.max_leakage_auc}]"
+                f"{attack}: forgotten users distinguishable from strangers, AUC {test['auc']:.3f} {side} 0.5, "
+                f"p {test['p_value']:.3g} (Holm {p_holm:.3g}) <= alpha {settings.alpha}"
             )
     return GateDecision(passed=not reasons, reasons=reasons)
 

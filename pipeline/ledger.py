@@ -15,6 +15,12 @@ of the request that honored it; a claimed request the batch cannot act on is qua
 the rest of the batch goes on.
 
 Raw user ids never enter the ledger: a request carries the keyed hash of its user (pipeline.pii).
+
+Tamper evidence: each event carries the SHA-256 of its own content and of the event before it (`prev_hash`,
+`hash`), so an event changed, removed or inserted behind the ledger's back breaks the chain from there on;
+`verify()` recomputes it and names the first broken event, and checks that every request's state is the one its
+last event says. The honoring event of a request also carries the gate's evidence for it (numbers only: p-values,
+power, thresholds, the model version), which receipts and the audit read.
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ from __future__ import annotations
 import functools
 import getpass
 import hashlib
+import json
 import logging
+import math
 import os
 import socket
 import time
@@ -79,6 +87,9 @@ events_table = sa.Table(
     sa.Column("batch_id", sa.String(64)),
     sa.Column("model_version", sa.String(32)),
     sa.Column("reason", sa.String(64)),
+    sa.Column("evidence", sa.JSON),  # the honoring event: the gate's figures for this request (numbers only)
+    sa.Column("prev_hash", sa.String(64)),
+    sa.Column("hash", sa.String(64)),
 )
 files_table = sa.Table(
     "ingested_files",
@@ -93,6 +104,35 @@ files_table = sa.Table(
 
 
 log = logging.getLogger(__name__)
+
+GENESIS = "0" * 64  # the `prev_hash` of the first event
+CHAINED = ("request_key", "from_state", "to_state", "at", "actor", "batch_id", "model_version", "reason", "evidence")
+CHAIN_LOCK = 7417384502  # PostgreSQL: writers append to the chain one at a time
+
+
+def _canonical(value):
+    if isinstance(value, datetime):  # SQLite hands back naive datetimes; every time stored is UTC
+        return (value if value.tzinfo else value.replace(tzinfo=UTC)).astimezone(UTC).isoformat(timespec="microseconds")
+    return value
+
+
+def plain_numbers(value):
+    """JSON-safe evidence: NaN and infinities become None (PostgreSQL's JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {str(k): plain_numbers(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain_numbers(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def event_digest(event, previous: str) -> str:
+    """SHA-256 of an event's content (the CHAINED fields, canonical JSON) and of the hash before it."""
+    get = event.get if isinstance(event, dict) else lambda key: getattr(event, key)
+    body = {key: _canonical(get(key)) for key in CHAINED}
+    payload = json.dumps({"previous": previous, **body}, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(payload.encode()).hexdigest()
 
 
 class LedgerUnavailable(ConnectionError):
@@ -232,7 +272,7 @@ class Ledger:
         return ScriptDirectory.from_config(config).get_current_head()
 
     # -- writes -----------------------------------------------------------------------------------
-    def _event(self, key, from_state, to_state, batch_id=None, model_version=None, reason=None) -> dict:
+    def _event(self, key, from_state, to_state, batch_id=None, model_version=None, reason=None, evidence=None) -> dict:
         return {
             "request_key": key,
             "from_state": from_state,
@@ -242,7 +282,23 @@ class Ledger:
             "batch_id": batch_id,
             "model_version": model_version,
             "reason": reason,
+            "evidence": plain_numbers(evidence) if evidence is not None else None,
         }
+
+    @staticmethod
+    def _append(connection: sa.Connection, events: list[dict]) -> None:
+        """Insert events at the chain's end, each hashed with the one before (in this transaction, which holds
+        the chain: BEGIN IMMEDIATE on SQLite, an advisory lock on PostgreSQL)."""
+        if not events:
+            return
+        if connection.dialect.name == "postgresql":
+            connection.execute(sa.text(f"SELECT pg_advisory_xact_lock({CHAIN_LOCK})"))
+        last = connection.execute(sa.select(events_table.c.hash).order_by(events_table.c.id.desc()).limit(1)).first()
+        previous = last.hash if last and last.hash else GENESIS
+        for event in events:
+            event["prev_hash"], event["hash"] = previous, event_digest(event, previous)
+            previous = event["hash"]
+        connection.execute(sa.insert(events_table), events)
 
     @_database_call(retry=False)
     def ingest(
@@ -285,7 +341,7 @@ class Ledger:
                     ]
                 if rows:
                     connection.execute(sa.insert(requests_table), rows)
-                    connection.execute(sa.insert(events_table), events)
+                    self._append(connection, events)
                 connection.execute(
                     sa.insert(files_table),
                     {
@@ -466,9 +522,10 @@ class Ledger:
         message=None,
         original_key=None,
         count_failure=False,
+        evidence=None,
     ) -> None:
         """Move the requests `keys` (all in `from_state`) to `to_state` with one event each, in `connection`'s
-        transaction."""
+        transaction; `evidence(key)` gives an event's evidence."""
         values = {"state": to_state, "updated_at": _now()}
         if batch_id is not None:
             values["batch_id"] = batch_id
@@ -483,22 +540,36 @@ class Ledger:
         for start in range(0, len(keys), 5000):
             part = keys[start : start + 5000]
             connection.execute(sa.update(requests_table).where(requests_table.c.key.in_(part)).values(**values))
-            connection.execute(
-                sa.insert(events_table),
-                [self._event(k, from_state, to_state, batch_id, model_version, reason) for k in part],
+            self._append(
+                connection,
+                [
+                    self._event(k, from_state, to_state, batch_id, model_version, reason, evidence and evidence(k))
+                    for k in part
+                ],
             )
 
     @_database_call(retry=True)
     def _finish(
-        self, batch_id: str, to_state: str, model_version=None, reason=None, message=None, where=None, failed=True
+        self,
+        batch_id: str,
+        to_state: str,
+        model_version=None,
+        reason=None,
+        message=None,
+        where=None,
+        failed=True,
+        evidence=None,
     ) -> int:
         """Move this batch's in_batch requests (those matching `where`, if given) to `to_state`, with events;
-        `failed` counts the night against them (ledger.max_failed_nights)."""
+        `failed` counts the night against them (ledger.max_failed_nights); `evidence(user_key)` gives the
+        evidence each request's event carries."""
         with self.engine.begin() as connection:
             condition = sa.and_(requests_table.c.batch_id == batch_id, requests_table.c.state == "in_batch")
             if where is not None:
                 condition = sa.and_(condition, where)
-            keys = [row.key for row in connection.execute(sa.select(requests_table.c.key).where(condition))]
+            found = connection.execute(sa.select(requests_table.c.key, requests_table.c.user_key).where(condition))
+            users = {row.key: row.user_key for row in found}
+            keys = list(users)
             if keys:
                 self._move(
                     connection,
@@ -510,6 +581,7 @@ class Ledger:
                     reason,
                     message,
                     count_failure=failed,
+                    evidence=(lambda key: evidence(users[key])) if evidence else None,
                 )
             return len(keys)
 
@@ -548,9 +620,10 @@ class Ledger:
             {"request_id": r.request_id, "original": r.original_key, "model_version": r.model_version} for r in rows
         ]
 
-    def honor(self, batch_id: str, model_version: str) -> int:
-        """The batch's model was promoted: its requests are honored by that model version."""
-        return self._finish(batch_id, "honored", model_version=str(model_version), failed=False)
+    def honor(self, batch_id: str, model_version: str, evidence=None) -> int:
+        """The batch's model was promoted: its requests are honored by that model version. `evidence(user_key)`:
+        the gate's figures each request's honoring event keeps (numbers only)."""
+        return self._finish(batch_id, "honored", model_version=str(model_version), failed=False, evidence=evidence)
 
     def fail(self, batch_id: str, reason: str, message: str, max_failed_nights: int) -> dict[str, int]:
         """The batch was rejected: its requests wait for the next night, or need a retrain after too many."""
@@ -561,6 +634,81 @@ class Ledger:
         }
 
     # -- reads ------------------------------------------------------------------------------------
+    @_database_call(retry=True)
+    def verify(self) -> dict:
+        """Recompute the events' hash chain and check every request's state against its last event. Names the
+        first broken event (its id and what is wrong) or the first request whose state no event explains."""
+        previous, checked, broken = GENESIS, 0, None
+        with self.engine.connect() as connection:
+            for row in connection.execute(sa.select(events_table).order_by(events_table.c.id)):
+                checked += 1
+                if row.prev_hash != previous:
+                    broken = {"event_id": row.id, "request_key": row.request_key, "problem": "does not link to the "
+                              f"event before it (prev_hash {row.prev_hash}, expected {previous})"}  # fmt: skip
+                elif row.hash != event_digest(row, previous):
+                    problem = "its content does not match its hash (changed after it was written)"
+                    broken = {"event_id": row.id, "request_key": row.request_key, "problem": problem}
+                if broken:
+                    break
+                previous = row.hash
+            last_state = dict(
+                connection.execute(
+                    sa.select(events_table.c.request_key, events_table.c.to_state).where(
+                        events_table.c.id.in_(
+                            sa.select(sa.func.max(events_table.c.id)).group_by(events_table.c.request_key)
+                        )
+                    )
+                ).all()
+            )
+            mismatch = None
+            for row in connection.execute(
+                sa.select(requests_table.c.key, requests_table.c.state).order_by(requests_table.c.id)
+            ):
+                if last_state.get(row.key) != row.state:
+                    mismatch = {"request_key": row.key, "problem": f"state {row.state!r} but its last event says "
+                                f"{last_state.get(row.key)!r}"}  # fmt: skip
+                    break
+        return {
+            "ok": broken is None and mismatch is None,
+            "events_checked": checked,
+            "head": previous if broken is None else None,
+            "first_broken_event": broken,
+            "first_inconsistent_request": mismatch,
+        }
+
+    @_database_call(retry=True)
+    def honoring_event(self, request_key: str) -> dict | None:
+        """The event that honored a request (its evidence, version and hash), or None."""
+        with self.engine.connect() as connection:
+            row = (
+                connection.execute(
+                    sa.select(events_table)
+                    .where(events_table.c.request_key == request_key, events_table.c.to_state == "honored")
+                    .order_by(events_table.c.id.desc())
+                    .limit(1)
+                )
+                .mappings()
+                .first()
+            )
+        return {k: _plain(v) for k, v in row.items()} if row else None
+
+    @_database_call(retry=True)
+    def event_with_hash(self, digest: str) -> dict | None:
+        with self.engine.connect() as connection:
+            row = connection.execute(sa.select(events_table).where(events_table.c.hash == digest)).mappings().first()
+        return {k: _plain(v) for k, v in row.items()} if row else None
+
+    @_database_call(retry=True)
+    def honored_evidence(self, since: datetime | None = None) -> list[dict]:
+        """Every honoring event with evidence, oldest first: what `lethe audit` combines."""
+        query = sa.select(events_table).where(events_table.c.to_state == "honored")
+        if since is not None:
+            query = query.where(events_table.c.at >= since)
+        with self.engine.connect() as connection:
+            rows = connection.execute(query.order_by(events_table.c.id)).mappings().all()
+        # a JSON column keeps None as JSON null, not SQL NULL: repeats' events (no evidence of their own) drop here
+        return [{k: _plain(v) for k, v in row.items()} for row in rows if row["evidence"]]
+
     @_database_call(retry=True)
     def counts(self) -> dict[str, int]:
         with self.engine.connect() as connection:

@@ -228,9 +228,11 @@ def next_item_logits(
 
 @dataclass(frozen=True)
 class PositionStats:
-    """Per scored position: the user, log p(true item), and mean/std of log p under the model."""
+    """Per scored position: the user, the true item's token, log p(true item), and mean/std of log p under
+    the model."""
 
     users: np.ndarray
+    items: np.ndarray
     log_prob: np.ndarray
     mean_log_prob: np.ndarray
     std_log_prob: np.ndarray
@@ -240,7 +242,7 @@ class PositionStats:
 def position_stats(model: LlamaForCausalLM, windows: Windows, batch_size: int) -> PositionStats:
     """What the LOSS, Min-K% and Min-K%++ attacks need, in one forward pass per batch."""
     model.eval()
-    users, log_probs, means, stds = [], [], [], []
+    users, items, log_probs, means, stds = [], [], [], [], []
     for batch in windows.batches(batch_size):
         batch = batch.to(model.device)
         scored = batch.labels != IGNORE
@@ -248,11 +250,13 @@ def position_stats(model: LlamaForCausalLM, windows: Windows, batch_size: int) -
         p = log_p.exp()
         mean = torch.einsum("nv,nv->n", p, log_p)  # a batched dot: no (positions x vocabulary) temporary
         var = torch.einsum("nv,nv->n", p.mul_(log_p), log_p) - mean.square()  # E[(log p)^2] - E[log p]^2
-        log_probs.append(log_p.gather(1, scored_labels(batch).unsqueeze(1)).squeeze(1))
+        labels = scored_labels(batch)
+        items.append(labels)
+        log_probs.append(log_p.gather(1, labels.unsqueeze(1)).squeeze(1))
         means.append(mean)
         stds.append(var.clamp_min(1e-12).sqrt())
         users.append(batch.users.unsqueeze(1).expand_as(scored)[scored])
     if not users:
         empty = np.zeros(0)
-        return PositionStats(empty.astype(int), empty, empty, empty)
-    return PositionStats(*(torch.cat(part).cpu().numpy() for part in (users, log_probs, means, stds)))
+        return PositionStats(empty.astype(int), empty.astype(int), empty, empty, empty)
+    return PositionStats(*(torch.cat(part).cpu().numpy() for part in (users, items, log_probs, means, stds)))

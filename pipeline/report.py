@@ -54,6 +54,8 @@ def summarize(batch_id: str, manifests: dict[str, dict]) -> dict:
         summary[f"hr10_{stage}"] = figures.get("hr10")
         summary[f"mia_auc_{stage}"] = worst_case_auc(aucs) if aucs else None
         summary[f"mia_auc_{stage}_by_attack"] = figures.get("mia_auc", {})
+        summary[f"leakage_{stage}"] = figures.get("leakage")  # the gate's test: p-values, power, n per attack
+    summary["utility_test"] = (evaluation or {}).get("utility")
     if evaluation:
         summary["forgotten_users"] = evaluation["forgotten_users"]
         summary["non_members"] = evaluation["non_members"]
@@ -61,7 +63,7 @@ def summarize(batch_id: str, manifests: dict[str, dict]) -> dict:
     return summary
 
 
-def plot_unlearning(history: list[dict], band: tuple[float, float], path: Path) -> Path:
+def plot_unlearning(history: list[dict], tolerance: float, path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -69,11 +71,11 @@ def plot_unlearning(history: list[dict], band: tuple[float, float], path: Path) 
 
     figure, axis = plt.subplots(figsize=(6, 3.5))
     steps = [row["step"] for row in history]
-    for key in sorted(k for k in history[0] if k.startswith("auc_")):
-        axis.plot(steps, [row[key] for row in history], marker=".", label=key.removeprefix("auc_"))
-    axis.axhspan(*band, color="green", alpha=0.15, label="target band")
-    axis.axhline(0.5, color="grey", linewidth=0.8)
-    axis.set(xlabel="unlearning step", ylabel="MIA AUC, forgotten vs non-members", ylim=(0, 1))
+    for key in sorted(k for k in history[0] if k.startswith("z_")):
+        axis.plot(steps, [row[key] for row in history], marker=".", label=key.removeprefix("z_"))
+    axis.axhspan(-tolerance, tolerance, color="green", alpha=0.15, label="stopping tolerance")
+    axis.axhline(0.0, color="grey", linewidth=0.8)
+    axis.set(xlabel="unlearning step", ylabel="z: forgotten vs strangers, in null sd")
     axis.legend(loc="upper right", fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -90,6 +92,18 @@ def render_html(summary: dict, plot_name: str | None) -> str:
             f"{attack}: {e['value']:.3f} [{e['low']:.3f}, {e['high']:.3f}]" for attack, e in figures.items()
         )
 
+    def tests(leakage: dict | None) -> str:
+        if not leakage:
+            return "not measured"
+        return "; ".join(
+            f"{attack}: p={t['p_value']:.3g} (Holm {t['p_holm']:.3g}), n={t['n_forgotten']} vs {t['n_reference']}, "
+            f"detects AUC>={t['mde']:.3f}" if t["mde"] is not None else
+            f"{attack}: p={t['p_value']:.3g} (Holm {t['p_holm']:.3g}), n={t['n_forgotten']} vs {t['n_reference']}, "
+            "no power at this size"
+            for attack, t in leakage["tests"].items()
+        ) + f" (alpha {leakage['alpha']}, Holm)"  # fmt: skip
+
+    utility = summary.get("utility_test") or {}
     rows = [
         row("batch", summary["batch_id"]),
         row("gate", summary["gate"]),
@@ -115,6 +129,14 @@ def render_html(summary: dict, plot_name: str | None) -> str:
         row("NDCG@10 before -> after", f"{summary['ndcg10_before']} -> {summary['ndcg10_after']}"),
         row("MIA AUC before (95% CI)", interval(summary["mia_auc_before_by_attack"])),
         row("MIA AUC after (95% CI)", interval(summary["mia_auc_after_by_attack"])),
+        row("leakage test after (the gate's)", tests(summary.get("leakage_after"))),
+        row(
+            "NDCG@10 candidate / champion, same users",
+            f"{utility['ratio']['value']:.3f}, one-sided lower bound {utility['lower_bound']:.3f} "
+            f"(margin {utility['margin']})"
+            if utility
+            else "not measured",
+        ),
         row(
             "unlearning", f"{summary['unlearn_method']}, {summary['unlearn_steps']} steps: {summary['unlearn_stopped']}"
         ),
@@ -124,12 +146,12 @@ def render_html(summary: dict, plot_name: str | None) -> str:
         f"<li>{html.escape(str(r['source']))}:{r['line']} {html.escape(r['reason'])}: {html.escape(r['message'])}</li>"
         for r in summary["rejections"]
     )
-    image = f'<img src="{plot_name}" alt="MIA AUC during unlearning">' if plot_name else ""
+    image = f'<img src="{plot_name}" alt="leakage z during unlearning">' if plot_name else ""
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>Lethe batch report</title></head><body>"
         f"<h1>Lethe batch {html.escape(summary['batch_id'])}</h1><table>{''.join(rows)}</table>"
         f"<h2>Gate reasons</h2><ul>{reasons or '<li>all gates passed</li>'}</ul>"
         f"<h2>Quarantined requests</h2><ul>{rejected or '<li>none</li>'}</ul>{image}"
-        "<p>An AUC of 0.5 means the forgotten users look exactly like users the model never saw. "
-        "With few forgotten users the interval is wide: read it before the point estimate.</p></body></html>"
+        "<p>An AUC of 0.5 means the forgotten users look exactly like users the model never saw. The gate tests "
+        "that (p-values, Holm over the attacks); each test's power is the smallest AUC it detects.</p></body></html>"
     )

@@ -96,17 +96,12 @@ class UnlearnSettings(_Frozen):
     forget_item_rows: Literal["all", "scored"]
     eval_every: int = Field(ge=1)
     patience: int = Field(ge=1)
-    target_auc_band: tuple[float, float]
+    stop_tolerance_z: float = Field(gt=0.0)
     backtracks: int = Field(ge=0)
     backtrack_lr_factor: float = Field(gt=0.0, lt=1.0)
     npo_beta: float = Field(gt=0.0)
     ssd_alpha: float = Field(gt=0.0)
     ssd_lambda: float = Field(gt=0.0)
-
-    @model_validator(mode="after")
-    def _band(self) -> UnlearnSettings:
-        _check_band(self.target_auc_band, "unlearn.target_auc_band")
-        return self
 
 
 class DriftSettings(_Frozen):
@@ -154,6 +149,12 @@ class AcceptanceSettings(_Frozen):
     extra_seeds: tuple[int, ...]  # the judged batch runs these too, beyond bench.seeds
 
 
+class CalibrationSettings(_Frozen):
+    seeds: tuple[int, ...] = Field(min_length=1)
+    pool_rate: float = Field(gt=0.0, lt=1.0)
+    batch_sizes: tuple[int, ...] = Field(min_length=1)
+
+
 class BenchSettings(_Frozen):
     methods: tuple[str, ...] = Field(min_length=1)
     user_rates: tuple[float, ...] = Field(min_length=1)
@@ -163,10 +164,16 @@ class BenchSettings(_Frozen):
     floor_rate: float = Field(gt=0.0, lt=1.0)
     quick_rate: float = Field(gt=0.0, lt=1.0)
     quick_max_steps: int = Field(ge=1)
+    auc_band: tuple[float, float]
     # unlearn keys the benchmark sets differently from the nightly (its batches are far larger)
     unlearn: dict[str, float | int | str] = Field(default_factory=dict)
     tuning: TuningSettings
     acceptance: AcceptanceSettings
+
+    @model_validator(mode="after")
+    def _band(self) -> BenchSettings:
+        _check_band(self.auc_band, "bench.auc_band")
+        return self
 
     @model_validator(mode="after")
     def _seeds_are_kept_apart(self) -> BenchSettings:
@@ -208,13 +215,8 @@ class LedgerSettings(_Frozen):
 
 class GateSettings(_Frozen):
     max_ndcg_drop: float = Field(ge=0.0, lt=1.0)
-    min_leakage_auc: float
-    max_leakage_auc: float
-
-    @model_validator(mode="after")
-    def _band(self) -> GateSettings:
-        _check_band((self.min_leakage_auc, self.max_leakage_auc), "gate leakage band")
-        return self
+    alpha: float = Field(gt=0.0, lt=0.5)
+    power: float = Field(gt=0.5, lt=1.0)
 
 
 class MlflowSettings(_Frozen):
@@ -304,6 +306,7 @@ class Settings(_Frozen):
     unlearn: UnlearnSettings
     circuits: CircuitSettings
     bench: BenchSettings
+    calibration: CalibrationSettings
     gate: GateSettings
     ledger: LedgerSettings
     landing: LandingSettings

@@ -3,12 +3,16 @@
 Each method is one small class, registered by name and chosen in params.yaml (`unlearn.method`), as in
 open-unlearning. Most override `loss` (a forget batch and a retain batch become one loss); a method that
 is more than a loss overrides `step` (CURE, gradient projection) or the whole `run` (retrain, SSD).
-The shared loop owns the rest: sampling, the optimiser, progress, and the stopping rule: stop once the
-forgotten users' membership-inference AUC against non-members lies inside the target band around 0.5
-for every attack, or once `patience` checks in a row have not come closer to it, and keep the checkpoint
-that came closest if it never gets there. A check that finds every attack below the band goes back to the
-last check with none below it and goes on at a smaller learning rate (`backtracks` times at most): one
-update near the band can move the AUC by more than the band is wide.
+The shared loop owns the rest: sampling, the optimiser, progress, and the stopping rule. The rule reads
+the gate's own tests (pipeline.leakage): each attack's deviation from the strangers' centre in units of its
+null standard deviation, z. It drives the largest |z| to within `stop_tolerance_z`, so every attack ends
+where a model that never saw the users would put it, each in its own noise; attacks that disagree are
+reconciled by that maximum (the checkpoint kept is the one whose furthest attack is closest). It never
+stops on absence of evidence: with one user the per-user attacks' noise is wide, but item_rank averages
+every scored position and stays tight, so an untouched model is far from the centre. It stops there, or once
+`patience` checks in a row have not come closer, keeping the closest checkpoint. A check that finds every
+attack below the centre (z < -tolerance) goes back to the last check with none below and goes on at a
+smaller learning rate (`backtracks` times at most): near the centre one update can cross it.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ import torch
 from transformers import LlamaForCausalLM
 
 from pipeline.circuits import Circuits, circuits_for
-from pipeline.evaluate import ATTACKS, attack_scores, auc, membership_auc
+from pipeline.evaluate import Estimate, attack_scores, membership_auc
+from pipeline.leakage import USER_ATTACKS, LeakageEvidence, Positions, leakage_evidence, norm_quantile
 from pipeline.model import (
     Windows,
     build_model,
@@ -35,6 +40,7 @@ from pipeline.model import (
     window_loss,
     window_nll,
 )
+from pipeline.pii import user_key
 from pipeline.progress import progress as progress_bar
 from pipeline.settings import Settings
 from pipeline.splits import UnlearningData
@@ -69,7 +75,7 @@ def token_log_probs(model: LlamaForCausalLM, windows: Windows, grad_rows: torch.
 
 
 class LeakageProbe:
-    """Forgotten users against non-members under the LOSS, Min-K% and Min-K%++ attacks."""
+    """Forgotten users against non-members: the gate's tests (pipeline.leakage) on the current model."""
 
     def __init__(self, data: UnlearningData, settings: Settings) -> None:
         self.settings = settings
@@ -78,36 +84,57 @@ class LeakageProbe:
         self.non_member_windows = make_windows(data.non_member_sequences, max_len)
         self.forgotten, self.non_members = data.forgotten_users, data.non_members
 
-    def scores(self, model: LlamaForCausalLM) -> dict[str, dict[int, float]]:
+    def evidence(self, model: LlamaForCausalLM) -> LeakageEvidence:
         batch_size, fraction = self.settings.eval.attack_batch_size, self.settings.eval.mink_fraction
-        forgotten = attack_scores(position_stats(model, self.forget_windows, batch_size), fraction)
-        strangers = attack_scores(position_stats(model, self.non_member_windows, batch_size), fraction)
-        return {attack: {**strangers[attack], **forgotten[attack]} for attack in ATTACKS}
+        forgotten = position_stats(model, self.forget_windows, batch_size)
+        strangers = position_stats(model, self.non_member_windows, batch_size)
+        forgotten_scores, stranger_scores = attack_scores(forgotten, fraction), attack_scores(strangers, fraction)
+        scores = {attack: {**stranger_scores[attack], **forgotten_scores[attack]} for attack in USER_ATTACKS}
+        return leakage_evidence(
+            scores,
+            self.forgotten,
+            self.non_members,
+            Positions(forgotten.users, forgotten.items, forgotten.log_prob),
+            Positions(strangers.users, strangers.items, strangers.log_prob),
+            self.settings.gate.alpha,
+            self.settings.gate.power,
+        )
 
     def point(self, model: LlamaForCausalLM) -> dict[str, float]:
-        scores = self.scores(model)
+        return self.evidence(model).aucs()
+
+    def with_intervals(self, model: LlamaForCausalLM, seed: int) -> dict:
+        """The evidence, each user-level AUC with a bootstrap interval over users, and the per-user scores
+        (values only, no user id) that the report's histograms draw."""
+        config = self.settings.eval
+        evidence = self.evidence(model)
+        scores = {attack: {**v["reference"], **v["forgotten"]} for attack, v in evidence.user_scores.items()}
+        intervals = membership_auc(
+            {a: scores[a] for a in USER_ATTACKS},
+            self.forgotten,
+            self.non_members,
+            config.bootstrap_samples,
+            config.confidence,
+            seed,
+        )
+        item = evidence.tests["item_rank"]
+        half = norm_quantile((1 + config.confidence) / 2) * item.null_sd  # normal, with the null's spread
+        intervals["item_rank"] = Estimate(item.auc, item.auc - half, item.auc + half)
         return {
-            attack: auc(
-                np.array([scores[attack][u] for u in self.forgotten]),
-                np.array([scores[attack][u] for u in self.non_members]),
-            )
-            for attack in ATTACKS
+            "mia_auc": {attack: estimate.as_dict() for attack, estimate in intervals.items()},
+            "leakage": evidence.as_dict(),
+            "scores": {
+                attack: {side: sorted(values.values()) for side, values in sides.items()}
+                for attack, sides in evidence.user_scores.items()
+            },
+            # per forgotten user, by keyed hash (no raw id): what each request's honoring event keeps
+            "per_user": {user_key(user): figures for user, figures in evidence.user_z.items()},
         }
 
-    def with_intervals(self, model: LlamaForCausalLM, seed: int) -> dict[str, dict[str, float]]:
-        config = self.settings.eval
-        estimates = membership_auc(
-            self.scores(model), self.forgotten, self.non_members, config.bootstrap_samples, config.confidence, seed
-        )
-        return {attack: estimate.as_dict() for attack, estimate in estimates.items()}
 
-
-def worst_deviation(aucs: dict[str, float]) -> float:
-    return max(abs(value - 0.5) for value in aucs.values())
-
-
-def in_band(aucs: dict[str, float], band: tuple[float, float]) -> bool:
-    return all(band[0] <= value <= band[1] for value in aucs.values())
+def stop_distance(evidence: LeakageEvidence) -> float:
+    """How far the furthest attack is from the strangers' centre, in that attack's own null noise."""
+    return evidence.worst_z()
 
 
 @dataclass
@@ -234,15 +261,16 @@ class UnlearningMethod:
     # -- the shared loop --------------------------------------------------------------------------
     def run(self, probe: LeakageProbe, progress: bool = True) -> UnlearnResult:
         config, model = self.settings, self.model
+        tolerance = config.stop_tolerance_z
         optimizer = torch.optim.AdamW(self.parameter_groups(), lr=config.learning_rate, weight_decay=0.0)
         base_rates = [group["lr"] for group in optimizer.param_groups]
-        aucs = probe.point(model)
-        history = [{"step": 0, "loss": None, **{f"auc_{a}": v for a, v in aucs.items()}}]
-        best = (worst_deviation(aucs), 0, aucs, copy.deepcopy(model.state_dict()))
-        if in_band(aucs, config.target_auc_band):
-            return UnlearnResult(0, "already inside the target band before any update", 0, aucs, history)
-        # Where to go back to when a check overshoots: the last one with no attack below the band, with the
-        # optimiser's state and the trajectory's length (`done`, which the warm-up reads) at that point.
+        evidence = probe.evidence(model)
+        history = [check_row(0, None, 1.0, evidence)]
+        best = (stop_distance(evidence), 0, evidence.aucs(), copy.deepcopy(model.state_dict()))
+        if stop_distance(evidence) <= tolerance:
+            return UnlearnResult(0, "already at the strangers' centre before any update", 0, evidence.aucs(), history)
+        # Where to go back to when a check overshoots: the last one with no attack below the tolerance, with
+        # the optimiser's state and the trajectory's length (`done`, which the warm-up reads) at that point.
         before_band = (0, copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()))
         # step counts every update; done only those the model still holds (a backtrack undoes some);
         # stale counts the checks in a row since the best one.
@@ -251,7 +279,7 @@ class UnlearningMethod:
         for step in bar:
             model.train()
             done += 1
-            # Linear warm-up: a small batch (a few users) can cross the band within the first full-size steps.
+            # Linear warm-up: a small batch (a few users) can reach the centre within the first full-size steps.
             for group, rate in zip(optimizer.param_groups, base_rates, strict=True):
                 group["lr"] = rate * scale * min(1.0, done / config.warmup_steps)
             loss = self.step(
@@ -264,30 +292,31 @@ class UnlearningMethod:
                 break
             # The probe is the expensive part: run it every eval_every steps, and at every step once the
             # forget batch's mean loss has reached the non-members' level, or after a backtrack, where the
-            # band is likely near.
+            # centre is likely near.
             if step % config.eval_every and step != config.max_steps and not (self.reached_ceiling or backtracks):
                 continue
-            aucs = probe.point(model)
-            history.append({"step": step, "loss": loss, "lr_scale": scale, **{f"auc_{a}": v for a, v in aucs.items()}})
-            bar.set_postfix(loss=f"{loss:.3f}", worst_auc_gap=f"{worst_deviation(aucs):.3f}", refresh=False)
-            closer = worst_deviation(aucs) < best[0]
-            none_below = all(value >= config.target_auc_band[0] for value in aucs.values())
+            evidence = probe.evidence(model)
+            z = evidence.z()
+            history.append(check_row(step, loss, scale, evidence))
+            bar.set_postfix(loss=f"{loss:.3f}", worst_z=f"{stop_distance(evidence):.2f}", refresh=False)
+            closer = stop_distance(evidence) < best[0]
+            none_below = all(value >= -tolerance for value in z.values())
             # one copy of the weights serves both checkpoints (neither is changed once taken)
             weights = copy.deepcopy(model.state_dict()) if closer or none_below else None
             if closer:
-                best, stale = (worst_deviation(aucs), step, aucs, weights), 0
+                best, stale = (stop_distance(evidence), step, evidence.aucs(), weights), 0
             else:
                 stale += 1
-            if in_band(aucs, config.target_auc_band):
-                stopped = "inside the target band"
+            if stop_distance(evidence) <= tolerance:
+                stopped = "at the strangers' centre: every attack within the tolerance"
                 break
             if none_below:
                 before_band = (done, weights, copy.deepcopy(optimizer.state_dict()))
-            elif all(value < config.target_auc_band[0] for value in aucs.values()):
+            elif all(value < -tolerance for value in z.values()):
                 if backtracks == config.backtracks:
-                    stopped = "overshot below the target band; kept the checkpoint closest to 0.5"
+                    stopped = "overshot below the strangers' centre; kept the checkpoint closest to it"
                     break
-                # Near the band one full step can cross it: go back and approach it again in smaller steps.
+                # Near the centre one full step can cross it: go back and approach it again in smaller steps.
                 backtracks, scale, stale = backtracks + 1, scale * config.backtrack_lr_factor, 0
                 done = before_band[0]
                 model.load_state_dict(before_band[1])
@@ -301,12 +330,23 @@ class UnlearningMethod:
                 )
                 continue
             if stale >= config.patience:
-                stopped = f"{stale} checks without coming closer to the band; kept the checkpoint closest to 0.5"
+                stopped = f"{stale} checks without coming closer to the centre; kept the checkpoint closest to it"
                 break
         model.load_state_dict(best[3])
         model.eval()
         log.info("%s stopped after %d steps (%s); kept step %d", self.name, step, stopped, best[1])
         return UnlearnResult(step, stopped, best[1], best[2], history)
+
+
+def check_row(step: int, loss: float | None, scale: float, evidence: LeakageEvidence) -> dict:
+    """One check of the stopping rule, as the unlearn manifest and the report keep it."""
+    return {
+        "step": step,
+        "loss": loss,
+        "lr_scale": scale,
+        **{f"auc_{attack}": value for attack, value in evidence.aucs().items()},
+        **{f"z_{attack}": value for attack, value in evidence.z().items()},
+    }
 
 
 @register("grad_ascent")
@@ -487,7 +527,7 @@ class SelectiveSynapticDampening(UnlearningMethod):
 
     def run(self, probe: LeakageProbe, progress: bool = True) -> UnlearnResult:
         alpha, dampening = self.settings.ssd_alpha, self.settings.ssd_lambda
-        before = probe.point(self.model)
+        before = probe.evidence(self.model)
         everything = Windows(
             *(
                 torch.cat([a, b])
@@ -505,12 +545,9 @@ class SelectiveSynapticDampening(UnlearningMethod):
                 scale = torch.clamp(dampening * f_all / f_forget.clamp_min(1e-30), max=1.0)
                 parameter.mul_(torch.where(selected, scale, torch.ones_like(scale)))
         self.model.eval()
-        after = probe.point(self.model)
-        history = [
-            {"step": 0, "loss": None, **{f"auc_{a}": v for a, v in before.items()}},
-            {"step": 1, "loss": None, **{f"auc_{a}": v for a, v in after.items()}},
-        ]
-        return UnlearnResult(1, "one-shot dampening", 1, after, history)
+        after = probe.evidence(self.model)
+        history = [check_row(0, None, 1.0, before), check_row(1, None, 1.0, after)]
+        return UnlearnResult(1, "one-shot dampening", 1, after.aucs(), history)
 
 
 @register("retrain")
@@ -526,9 +563,9 @@ class RetrainFromScratch(UnlearningMethod):
         fit(fresh, self.data.retain_sequences, self.data.val_histories, self.data.val_targets, settings, progress)
         self.model.load_state_dict(fresh.state_dict())
         self.model.eval()
-        aucs = probe.point(self.model)
-        history = [{"step": 1, "loss": None, **{f"auc_{a}": v for a, v in aucs.items()}}]
-        return UnlearnResult(1, "retrained from scratch on the retain set", 1, aucs, history)
+        evidence = probe.evidence(self.model)
+        history = [check_row(1, None, 1.0, evidence)]
+        return UnlearnResult(1, "retrained from scratch on the retain set", 1, evidence.aucs(), history)
 
 
 def run_unlearning(

@@ -24,9 +24,9 @@ from filelock import FileLock
 from tests.conftest import write_params
 
 MODEL = "lethe-recommender"
-# Verdicts forced by params, so that a test knows what it must find: an NDCG floor of 1% of the champion's and
-# a leakage band of [0, 1] pass any candidate that ranks at all.
-PASS = {"gate.max_ndcg_drop": 0.99, "gate.min_leakage_auc": 0.0, "gate.max_leakage_auc": 1.0}
+# Verdicts forced by params, so that a test knows what it must find: a non-inferiority margin of 99% and a
+# leakage level of 1e-300 (a leak only at |z| > 37) pass any candidate that ranks at all.
+PASS = {"gate.max_ndcg_drop": 0.99, "gate.alpha": 1e-300}
 # A cheap night for tests about what survives a kill or a lost server, not about how well the model forgets.
 CHEAP = {**PASS, "unlearn.max_steps": 4, "eval.bootstrap_samples": 100, "circuits.retain_windows": 64}
 LETHE = str(Path(sys.executable).with_name("lethe"))

@@ -8,7 +8,18 @@ import pytest
 import torch
 
 from components import bench
-from pipeline.bench import ROW_KEYS, Setting, acceptance, acceptance_table, choose, grid, jensen_shannon, summarise
+from pipeline.bench import (
+    ROW_KEYS,
+    Setting,
+    acceptance,
+    acceptance_table,
+    choose,
+    grid,
+    jensen_shannon,
+    privleak,
+    summarise,
+    with_privleak,
+)
 from pipeline.settings import Settings
 from tests.conftest import tiny_params, write_params
 from tests.e2e import with_base
@@ -23,6 +34,21 @@ def test_jensen_shannon_on_known_distributions():
     disjoint = (torch.tensor([[1.0, 0.0]], dtype=torch.double), torch.tensor([[0.0, 1.0]], dtype=torch.double))
     assert jensen_shannon(same, same) == pytest.approx(0.0)
     assert jensen_shannon(*disjoint) == pytest.approx(1.0)
+
+
+def test_privleak_follows_muse_and_open_unlearning_on_a_worked_example():
+    """100 (r - a) / (1 - r) on Min-K% AUCs (open-unlearning's privleak with MUSE's 1 - AUC convention): a model
+    that still separates the forgotten users (a = 0.9) against retrain at r = 0.5 leaks -80; over-unlearning
+    (a = 0.3) gives +40; retrain itself 0. The LOSS AUC plays no part."""
+    assert privleak(0.9, 0.5) == pytest.approx(-80.0)
+    assert privleak(0.3, 0.5) == pytest.approx(40.0)
+    assert privleak(0.6, 0.6) == pytest.approx(0.0)
+    batch = {"scope": "user", "deletion_rate": 0.05, "seed": 1}
+    rows = [
+        {"method": "retrain", **batch, "mia_auc_mink": 0.55, "mia_auc_loss": 0.1},
+        {"method": "cure", **batch, "mia_auc_mink": 0.73, "mia_auc_loss": 0.9},
+    ]
+    assert [row["privleak"] for row in with_privleak(rows)] == pytest.approx([0.0, -40.0])
 
 
 def test_quick_benchmark_writes_rows_table_plot_and_runs(tmp_path, monkeypatch, template_home):
@@ -353,7 +379,7 @@ def test_tuning_runs_every_variant_on_the_tuning_seeds_only(tmp_path, monkeypatc
     assert table.count("| cure |") == 8 and f"learning rate {result['choice']['learning_rate']}" in table
 
     # judging again under a band no row lies in (all three AUCs within 1e-5 of 0.5) re-decides from the same rows
-    none = write_params(tmp_path / "none.yaml", **{"unlearn.target_auc_band": [0.49999, 0.50001]})
+    none = write_params(tmp_path / "none.yaml", **{"bench.auc_band": [0.49999, 0.50001]})
     judged = bench.main(["--params", str(none), "--home", str(home), "--judge", "--out", str(out)])
     rejudged = json.loads((out / "tuning.json").read_text())
     assert judged["tuning_choice"] == rejudged["choice"] == dict.fromkeys(rejudged["choice"])

@@ -293,3 +293,43 @@ def test_no_raw_id_of_anyone_who_entered_the_ledger_is_kept_outside_the_data(wor
     assert all(any(mark in leak for mark in marks) for leak in leaks), leaks
     for where in ("report.html", "summary.json: .user_ids[0]", "mlflow.db:runs", "ledger.db:events"):
         assert any(where in leak for leak in leaks), (where, leaks)
+
+
+def test_the_audit_combines_both_nights_and_its_report_renders_in_a_browser(workspace):
+    """After the two honored nights: `lethe audit` combines every request honored by an unlearned model (five on
+    the first night, one on the second; the repeat carries its original's evidence, not its own) into one test,
+    over a ledger whose chain verifies; the report opens in headless Chromium with every plot and no console
+    error; and a receipt for one of them verifies, while a receipt altered by one byte does not."""
+    from tests.browser import open_page
+
+    home, params, out = workspace["home"], workspace["params"], workspace["root"] / "audit"
+    ran(lethe(home, params, "audit", "--out", str(out)))
+    record = json.loads((out / "audit.json").read_text())
+    assert [n["batch_id"] for n in record["nights"]] == ["first", "second"]
+    assert [n["requests"] for n in record["nights"]] == [5, 1]
+    assert record["cumulative"]["requests"] == 6 and record["ledger_chain"]["ok"]
+    z = [r["z"] for r in record["requests"]]
+    assert record["cumulative"]["z"] == pytest.approx(sum(z) / len(z) ** 0.5)
+    from scipy.stats import norm  # (z_{1-alpha/2} + z_power) / sqrt(n), at the test's alpha of 1e-300 (tests.e2e.PASS)
+
+    assert record["cumulative"]["mde_z"] == pytest.approx((norm.isf(0.5e-300) + norm.ppf(0.8)) / 6**0.5, rel=1e-6)
+    assert all(set(n["tests"]) == {"loss", "mink", "minkpp", "item_rank"} for n in record["nights"])
+    one = workspace["root"] / "audit-one"
+    ran(lethe(home, params, "audit", "--request", "next-1", "--out", str(one)))
+    assert json.loads((one / "audit.json").read_text())["cumulative"]["requests"] == 1
+
+    page = open_page(out / "audit.html")
+    assert page["errors"] == [] and page["title"] == "Lethe audit"
+    assert page["images"] == 3 and page["images_loaded"] == 3  # histograms, p-values, circuits per layer
+
+    keys = workspace["root"] / "keys"
+    ran(lethe(home, params, "receipt", "--keygen", str(keys)))
+    signed = {"LETHE_RECEIPT_KEY_FILE": str(keys / "receipt_key.pem")}
+    receipt = workspace["root"] / "receipt.json"
+    ran(lethe(home, params, "receipt", "sample-2", "--out", str(receipt), **signed))
+    assert ran(lethe(home, params, "receipt", "--verify", str(receipt), **signed)).returncode == 0
+    text = receipt.read_text()
+    altered = workspace["root"] / "altered.json"
+    altered.write_text(text.replace('"version": "2"', '"version": "3"', 1))
+    failed = lethe(home, params, "receipt", "--verify", str(altered), **signed)
+    assert failed.returncode == 1 and "signature does not match" in failed.stderr

@@ -22,7 +22,7 @@ from tests.conftest import REPO, write_params
 from tests.e2e import MODEL, PASS, check_books, client, environment, ledger_json, lethe, new_home, ran, request_line
 
 pytestmark = pytest.mark.e2e
-REJECT = {"unlearn.max_steps": 1}  # one warm-up step moves no attack into the gate's [0.40, 0.60]
+REJECT = {"unlearn.max_steps": 1}  # one warm-up step leaves item_rank far above the strangers (gate: p << alpha)
 COMMON = {"ledger.max_failed_nights": 1, "unlearn.eval_every": 1}
 
 
@@ -57,8 +57,8 @@ def test_verdicts_forced_both_ways_and_the_retrain_and_later_loads_never_read_wh
     version = registry.get_model_version(MODEL, str(rejected["model_version"]))
     assert rejected["gate"] == "rejected" and rejected["requests_honored"] == 0
     assert rejected["requests_needs_retrain"] == 2 and rejected["requests_pending"] == 0
-    assert any("outside the leakage band" in reason for reason in rejected["gate_reasons"])
-    assert version.tags["gate"] == "rejected" and "outside the leakage band" in version.tags["gate.reasons"]
+    assert any("distinguishable from strangers" in reason for reason in rejected["gate_reasons"])
+    assert version.tags["gate"] == "rejected" and "distinguishable from strangers" in version.tags["gate.reasons"]
     assert str(registry.get_model_version_by_alias(MODEL, "champion").version) == "2"  # the alias stayed
     status = ledger_json(home, passing, "status")
     assert (status["honored"], status["needs_retrain"], status["in_batch"]) == (2, 2, 0)

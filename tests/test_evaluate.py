@@ -48,6 +48,7 @@ def test_attacks_on_hand_built_positions():
     # user 1: log p = [-1, -2, -3, -4]; user 2: log p = [-5, -5]; model mean -3, std 1 everywhere
     stats = PositionStats(
         users=np.array([1, 1, 1, 1, 2, 2]),
+        items=np.array([10, 11, 12, 13, 10, 11]),
         log_prob=np.array([-1.0, -2.0, -3.0, -4.0, -5.0, -5.0]),
         mean_log_prob=np.full(6, -3.0),
         std_log_prob=np.ones(6),

@@ -42,7 +42,7 @@ def accept_all(received):
 
 def test_a_new_ledger_is_migrated_to_the_newest_schema(ledger_url):
     ledger = Ledger(ledger_url)
-    assert ledger.schema_version() == Ledger.newest_schema_version() == "0002"
+    assert ledger.schema_version() == Ledger.newest_schema_version() == "0003"
     Ledger(ledger_url).migrate()  # a second start is a no-op, not an error
     assert ledger.counts() == dict.fromkeys(STATES, 0)
 
@@ -62,10 +62,20 @@ def test_a_ledger_of_the_first_schema_is_upgraded_with_its_rows(ledger_url):
             ),
             {"user": user_key(1), "now": now},
         )
+        for from_state, to_state in ((None, "received"), ("received", "validated"), ("in_batch", "honored")):
+            connection.execute(
+                sa.text(
+                    "INSERT INTO events (request_key, from_state, to_state, at, actor) "
+                    "VALUES ('old', :a, :b, :now, 'me')"
+                ),
+                {"a": from_state, "b": to_state, "now": now},
+            )
     ledger = Ledger(ledger_url)
-    assert ledger.schema_version() == "0002"
+    assert ledger.schema_version() == "0003"
+    assert ledger.verify()["ok"] and ledger.verify()["events_checked"] == 3  # the old events were chained
     ledger.ingest([("log.jsonl", line("again", 1))], parse_file, accept_all)
     assert ledger.claim("night") == [] and ledger.answered("night")[0]["original"] == "old"
+    assert ledger.verify()["ok"] and ledger.verify()["events_checked"] == 6
 
 
 def test_ingesting_the_same_file_twice_changes_nothing(ledger_url):
@@ -279,3 +289,47 @@ def test_a_claimed_request_the_batch_cannot_act_on_is_quarantined_and_the_rest_g
     assert ledger.history("gone")["entries"][0]["state"] == "quarantined"
     assert ledger.history("fine")["entries"][0]["state"] == "honored"
     assert ledger.history("gone")["entries"][0]["events"][-1]["reason"] == "not_in_snapshot"
+
+
+def test_an_event_edited_behind_the_ledgers_back_is_named(ledger_url):
+    ledger = Ledger(ledger_url)
+    ledger.ingest([("log.jsonl", line("a", 1) + line("b", 2))], parse_file, accept_all)
+    ledger.claim("night")
+    evidence = {"item_rank": {"p_value": 0.4, "z": float("nan")}, "model_version": "2"}
+    assert ledger.honor("night", "2", evidence=lambda user: {**evidence, "user_z": 0.1}) == 2
+    clean = ledger.verify()
+    assert clean["ok"] and clean["events_checked"] == 8 and clean["head"]
+    honored = ledger.honoring_event("a")
+    assert honored["evidence"]["item_rank"] == {"p_value": 0.4, "z": None} and honored["model_version"] == "2"
+    engine = sa.create_engine(ledger_url)
+    with engine.begin() as connection:  # someone moves the honoring version of request "b" by hand
+        target = connection.execute(
+            sa.text("SELECT id FROM events WHERE request_key = 'b' AND to_state = 'honored'")
+        ).scalar_one()
+        connection.execute(sa.text("UPDATE events SET model_version = '9' WHERE id = :id"), {"id": target})
+    broken = ledger.verify()
+    assert not broken["ok"] and broken["first_broken_event"]["event_id"] == target
+    assert (
+        broken["first_broken_event"]["request_key"] == "b"
+        and "does not match its hash" in broken["first_broken_event"]["problem"]
+    )
+    with engine.begin() as connection:  # put it back
+        connection.execute(sa.text("UPDATE events SET model_version = '2' WHERE id = :id"), {"id": target})
+    assert ledger.verify()["ok"]
+    with engine.begin() as connection:  # delete an earlier event: the next one no longer links
+        first = connection.execute(sa.text("SELECT min(id) FROM events")).scalar_one()
+        connection.execute(sa.text("DELETE FROM events WHERE id = :id"), {"id": first})
+    assert ledger.verify()["first_broken_event"]["problem"].startswith("does not link")
+    engine.dispose()
+
+
+def test_a_request_state_changed_by_hand_is_named(ledger_url):
+    ledger = Ledger(ledger_url)
+    ledger.ingest([("log.jsonl", line("a", 1))], parse_file, accept_all)
+    engine = sa.create_engine(ledger_url)
+    with engine.begin() as connection:
+        connection.execute(sa.text("UPDATE requests SET state = 'honored' WHERE key = 'a'"))
+    engine.dispose()
+    result = ledger.verify()
+    assert not result["ok"] and result["first_broken_event"] is None
+    assert result["first_inconsistent_request"]["request_key"] == "a"

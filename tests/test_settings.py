@@ -22,8 +22,9 @@ def test_settings_are_frozen(settings: Settings):
     [
         (lambda p: p["train"].update(epochs=0), "train.epochs"),
         (lambda p: p["data"].update(typo_key=1), "data.typo_key"),
-        (lambda p: p["gate"].update(min_leakage_auc=0.55), "leakage band"),
-        (lambda p: p["unlearn"].update(target_auc_band=[0.6, 0.7]), "target_auc_band"),
+        (lambda p: p["gate"].update(alpha=0.7), "gate.alpha"),
+        (lambda p: p["unlearn"].update(stop_tolerance_z=0), "unlearn.stop_tolerance_z"),
+        (lambda p: p["bench"].update(auc_band=[0.6, 0.7]), "auc_band"),
         (lambda p: p["model"]["tiny"].update(hidden_size=30, num_attention_heads=4), "divisible"),
         (lambda p: p["eval"].update(ks=[5, 20]), "must contain 10"),
         (lambda p: p["bench"]["tuning"].update(seeds=[0, p["bench"]["seeds"][0]]), "also reported bench.seeds"),
