@@ -100,9 +100,6 @@ class LeakageProbe:
             self.settings.gate.power,
         )
 
-    def point(self, model: LlamaForCausalLM) -> dict[str, float]:
-        return self.evidence(model).aucs()
-
     def with_intervals(self, model: LlamaForCausalLM, seed: int) -> dict:
         """The evidence, each user-level AUC with a bootstrap interval over users, and the per-user scores
         (values only, no user id) that the report's histograms draw."""
@@ -130,11 +127,6 @@ class LeakageProbe:
             # per forgotten user, by keyed hash (no raw id): what each request's honoring event keeps
             "per_user": {user_key(user): figures for user, figures in evidence.user_z.items()},
         }
-
-
-def stop_distance(evidence: LeakageEvidence) -> float:
-    """How far the furthest attack is from the strangers' centre, in that attack's own null noise."""
-    return evidence.worst_z()
 
 
 @dataclass
@@ -266,8 +258,10 @@ class UnlearningMethod:
         base_rates = [group["lr"] for group in optimizer.param_groups]
         evidence = probe.evidence(model)
         history = [check_row(0, None, 1.0, evidence)]
-        best = (stop_distance(evidence), 0, evidence.aucs(), copy.deepcopy(model.state_dict()))
-        if stop_distance(evidence) <= tolerance:
+        # how far the furthest attack is from the strangers' centre, in that attack's own null noise
+        distance = evidence.worst_z()
+        best = (distance, 0, evidence.aucs(), copy.deepcopy(model.state_dict()))
+        if distance <= tolerance:
             return UnlearnResult(0, "already at the strangers' centre before any update", 0, evidence.aucs(), history)
         # Where to go back to when a check overshoots: the last one with no attack below the tolerance, with
         # the optimiser's state and the trajectory's length (`done`, which the warm-up reads) at that point.
@@ -298,16 +292,17 @@ class UnlearningMethod:
             evidence = probe.evidence(model)
             z = evidence.z()
             history.append(check_row(step, loss, scale, evidence))
-            bar.set_postfix(loss=f"{loss:.3f}", worst_z=f"{stop_distance(evidence):.2f}", refresh=False)
-            closer = stop_distance(evidence) < best[0]
+            distance = evidence.worst_z()
+            bar.set_postfix(loss=f"{loss:.3f}", worst_z=f"{distance:.2f}", refresh=False)
+            closer = distance < best[0]
             none_below = all(value >= -tolerance for value in z.values())
             # one copy of the weights serves both checkpoints (neither is changed once taken)
             weights = copy.deepcopy(model.state_dict()) if closer or none_below else None
             if closer:
-                best, stale = (stop_distance(evidence), step, evidence.aucs(), weights), 0
+                best, stale = (distance, step, evidence.aucs(), weights), 0
             else:
                 stale += 1
-            if stop_distance(evidence) <= tolerance:
+            if distance <= tolerance:
                 stopped = "at the strangers' centre: every attack within the tolerance"
                 break
             if none_below:
