@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from components.contract import decision
+from pipeline.erasure import ErasureFailed
 from pipeline.settings import DEVICES, Home, Settings, SettingsError, load_settings
 
 CRASH_VARIABLE = "LETHE_TEST_CRASH_AT"  # tests only: the hook point at which the whole run dies
@@ -72,6 +73,18 @@ def forgotten(settings: Settings, home: Home, user_ids) -> tuple[set[int], dict[
         return set(), {}
     ids = user_keys(user_ids)
     return {ids[k] for k in users if k in ids}, {ids[k]: items for k, items in pairs.items() if k in ids}
+
+
+def erase_honored(ledger, home: Home, snapshot: Path, dvc_roots: tuple[Path, ...] = ()) -> dict:
+    """Purge everything the ledger holds as honored from Lethe's stores: LETHE_HOME (batch folders, the local
+    MLflow artifacts), the snapshot wherever it lives, and the given DVC workspaces (pipeline.erasure)."""
+    from pipeline.erasure import erase
+
+    record = erase([home.root, snapshot], ledger.honored(), list(dvc_roots))
+    if record["rows"] or record["claimed"]:
+        print(f"erased {record['rows']} honored rows from {len(record['tables'])} tables and "
+              f"{sum(record['claimed'].values())} claimed requests", flush=True)  # fmt: skip
+    return record
 
 
 def load_snapshot(args: argparse.Namespace, home: Home, settings: Settings):
@@ -147,7 +160,7 @@ def entry_point(step: str, main: Callable[[list[str] | None], dict]) -> None:
                 "data-parallel unlearning is not built yet; set kubernetes.training_job to 1 node with 1 GPU"
             )
         manifest = main(rest)
-    except (SettingsError, FileNotFoundError, ConnectionError, ValueError) as error:
+    except (SettingsError, FileNotFoundError, ConnectionError, ValueError, ErasureFailed) as error:
         print(f"lethe {step}: error: {error}", file=sys.stderr)
         sys.exit(2)
     except Exception as error:

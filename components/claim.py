@@ -11,12 +11,20 @@ from __future__ import annotations
 
 import json
 
-from components._common import batch_arguments, context, entry_point, load_snapshot, open_ledger, parser, write_manifest
+from components._common import (
+    batch_arguments,
+    context,
+    entry_point,
+    erase_honored,
+    load_snapshot,
+    open_ledger,
+    parser,
+    snapshot_dir,
+    write_manifest,
+)
 from pipeline.ledger import Ledger, LedgerRequest
 from pipeline.pii import user_keys
-from pipeline.requests import DeletionRequest, Received, read_received, write_received
-
-CLAIMED_FILE = "claimed.jsonl"
+from pipeline.requests import CLAIMED_FILE, DeletionRequest, Received, read_received, write_received
 
 
 def read_claimed(batch_dir) -> list[DeletionRequest]:
@@ -68,6 +76,8 @@ def main(argv: list[str] | None = None) -> dict:
     batch_id = args.batch_dir.name
     ledger = open_ledger(settings, home, f"batch {batch_id}")
     recovered = recover(ledger, batch_id, home, settings)
+    # what any night honored leaves Lethe's stores now, if a crash kept its own gate from erasing it
+    erased = erase_honored(ledger, home, snapshot_dir(args, home))
     snapshot = load_snapshot(args, home, settings)  # after recovery: what it honored is gone from the data too
     claimed, limit = ledger.claim(batch_id), settings.ledger.max_failed_nights
     users = user_keys(snapshot.interactions.user_id.unique())
@@ -105,6 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
             "request_ids": [r.request_id for r in claimed],
             "snapshot_hash": snapshot.manifest["content_hash"],
             "recovered": recovered,
+            "erased": erased,
             "already_honored": ledger.answered(batch_id),
             "quarantined": [
                 {"request_ids": ids, "reason": reason, "message": message}

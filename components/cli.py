@@ -145,6 +145,7 @@ def print_summary(summary: dict, path: Path) -> None:
         print(
             f"  quarantined    {rejection['source']}:{rejection['line']}: {rejection['reason']}: {rejection['message']}"
         )
+    print(f"erased           {summary['rows_erased']} rows of honored requests (every copy in the stores Lethe keeps)")
     print(f"NDCG@10          {figure(summary['ndcg10_before'])} -> {figure(summary['ndcg10_after'])}")
     print(
         f"MIA AUC (worst)  {figure(summary['mia_auc_before'])} -> {figure(summary['mia_auc_after'])}  (0.5 = stranger)"
@@ -208,7 +209,8 @@ def ingest(args: argparse.Namespace) -> int:
     snapshot = read_snapshot(args.snapshot or home.snapshot)
     files = read_logs(args.source, settings.landing)
     parse = partial(parse_lines, max_line_bytes=settings.ledger.max_line_bytes)
-    counts = ledger.ingest(files, parse, DeletionLogContract(snapshot, settings.ledger.max_clock_skew_s))
+    contract = DeletionLogContract(snapshot, settings.ledger.max_clock_skew_s, honored=ledger.honored())
+    counts = ledger.ingest(files, parse, contract)
     print(json.dumps(counts.as_dict()))
     return 0
 
@@ -230,6 +232,17 @@ def ledger_command(args: argparse.Namespace) -> int:
         print(f"lethe ledger show: no request {args.request_id!r} in the ledger", file=sys.stderr)
         return 1
     print(json.dumps(history, indent=2))
+    return 0
+
+
+def erase_command(args: argparse.Namespace) -> int:
+    """Everything the ledger holds as honored, out of LETHE_HOME, the snapshot and the given DVC workspaces; the
+    nightly's gate does this itself after honoring, and every claim catches up on what a crash left."""
+    from components._common import erase_honored
+
+    ledger, _, home = ledger_for(args)
+    record = erase_honored(ledger, home, args.snapshot or home.snapshot, tuple(args.dvc_root))
+    print(json.dumps(record, indent=2))
     return 0
 
 
@@ -334,6 +347,10 @@ def main(argv: list[str] | None = None) -> None:
     receipt.add_argument("--verify", default=None, metavar="FILE", help="check this receipt instead")
     receipt.add_argument("--public-key", type=Path, default=None, help="the team's public key (default: from the key)")
     receipt.add_argument("--keygen", default=None, metavar="DIR", help="write a new key pair into DIR")
+    erase = commands.add_parser("erase", help="purge every honored request's rows from the stores Lethe keeps")
+    erase.add_argument("--snapshot", type=Path, default=None, help="data snapshot (default: under home)")
+    erase.add_argument("--dvc-root", type=Path, action="append", default=[],
+                       help="a DVC workspace whose outputs and cache to purge too (repeatable)")  # fmt: skip
     kube = commands.add_parser("k8s", help="the Kubernetes objects of `nightly.executor: kubernetes`, as YAML")
     kube_commands = kube.add_subparsers(dest="k8s_command", required=True)
     render = kube_commands.add_parser("render", help="print the step pods and the cluster objects")
@@ -355,6 +372,8 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(ledger_command(args))
         if args.command == "receipt":
             sys.exit(receipt_command(args))
+        if args.command == "erase":
+            sys.exit(erase_command(args))
         if args.command == "nightly":
             sys.exit(nightly(args))
         if args.command == "bootstrap":

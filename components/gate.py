@@ -9,10 +9,12 @@ from components._common import (
     batch_arguments,
     context,
     entry_point,
+    erase_honored,
     hook_point,
     open_ledger,
     parser,
     read_manifest,
+    snapshot_dir,
     write_manifest,
 )
 from pipeline.gate import decide, worst_case_auc
@@ -107,6 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
     if decision.passed:
         evidence = request_evidence(evaluation, batch_id, version.version, settings)
         outcome = {"honored": ledger.honor(batch_id, version.version, evidence)}
+        # honored: Lethe's own copies of what was forgotten go now (until here they stay, for a retry)
+        outcome["erased"] = erase_honored(ledger, home, snapshot_dir(args, home))
     else:
         outcome = ledger.fail(
             batch_id, "gate_rejected", " | ".join(decision.reasons), settings.ledger.max_failed_nights

@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> dict:
     settings, home = context(args)
     snapshot = read_snapshot(snapshot_dir(args, home))
     ledger = open_ledger(settings, home, f"batch {args.batch_dir.name}")
-    contract = DeletionLogContract(snapshot, settings.ledger.max_clock_skew_s)
+    contract = DeletionLogContract(snapshot, settings.ledger.max_clock_skew_s, honored=ledger.honored())
     files = []
 
     def logs():

@@ -14,6 +14,7 @@ from components._common import (
     read_manifest,
     write_manifest,
 )
+from pipeline.erasure import snapshot_hashes
 from pipeline.recipe import META_FILE, RECIPE, model_meta, recipe_hash
 from pipeline.settings import Home, Settings
 
@@ -48,8 +49,8 @@ def ensure_base_model(params: Path | None, home: Home, settings: Settings) -> Pa
         main(common)
         return home.base_model
     meta = json.loads((home.base_model / META_FILE).read_text())
-    snapshot_hash = read_manifest(home.snapshot / "manifest.json")["content_hash"]
-    if meta.get("recipe") != recipe_hash(settings) or meta.get("snapshot_hash") != snapshot_hash:
+    lineage = snapshot_hashes(read_manifest(home.snapshot / "manifest.json"))  # erasures change the hash
+    if meta.get("recipe") != recipe_hash(settings) or meta.get("snapshot_hash") not in lineage:
         raise ValueError(
             f"{home.base_model}: this base model was trained on another data snapshot or with other seed, "
             f"{'/'.join(RECIPE)} settings than {params or 'params.yaml'}; what is built on it would not match "

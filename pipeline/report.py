@@ -30,6 +30,8 @@ def summarize(batch_id: str, manifests: dict[str, dict]) -> dict:
         "requests_pending": outcome.get("pending_retry", 0),
         "requests_needs_retrain": outcome.get("needs_retrain", 0),
         "requests_rejected": len(rejections),
+        # interactions erased from Lethe's stores tonight: honored by this gate, or left by a night that died
+        "rows_erased": (outcome.get("erased") or {}).get("rows", 0) + (claim.get("erased") or {}).get("rows", 0),
         "requests_duplicate": ingest.get("duplicates", 0),
         # repeats of requests honored before: answered at claim by the version that honored the original
         "requests_already_honored": len(claim.get("already_honored", [])),

@@ -57,6 +57,9 @@ class Received:
     line: int
 
 
+CLAIMED_FILE = "claimed.jsonl"  # in a batch folder: the requests the batch claimed, with raw ids (the hand-over)
+
+
 def write_received(path: Path, entries: list[Received]) -> None:
     """Requests with where they came from, one JSON object per line (the hand-over between steps)."""
     path.parent.mkdir(parents=True, exist_ok=True)

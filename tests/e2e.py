@@ -265,3 +265,65 @@ class Relay:
                 connection.shutdown(socket.SHUT_RDWR)
                 connection.close()
         self.connections = []
+
+
+def stored_files(root: Path):
+    """(name, bytes) of every file under a folder, whatever its name or suffix (DVC's cache names files by hash)."""
+    for path in sorted(Path(root).rglob("*")):
+        if path.is_file():
+            yield path.relative_to(root).as_posix(), path.read_bytes()
+
+
+def sqlite_text(content: bytes):
+    """Every text value of every table of a SQLite database file."""
+    import sqlite3
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".db") as copy:  # read a copy: the file may be a WAL database in use
+        copy.write(content)
+        copy.flush()
+        with contextlib.closing(sqlite3.connect(copy.name)) as connection:
+            tables = [row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+            for table in tables:
+                for row in connection.execute(f'SELECT * FROM "{table}"'):
+                    for value in row:
+                        if isinstance(value, bytes):
+                            value = value.decode("utf-8", "replace")
+                        if isinstance(value, str):
+                            yield f"{table}: ", value
+
+
+def scan_for_rows(stores, forgotten, retained) -> list[str]:
+    """Where any forgotten interaction (rows of user_id, item_id, timestamp) is still stored, over `stores`
+    (name, bytes):
+    - in any Parquet table (found by its magic bytes), as a (user, item) row, or an (item, timestamp) row where
+      the table has timestamps;
+    - in any other file, a SQLite database's text values included, as one of the forgotten rows' timestamps:
+      a bare 9-10 digit number that no retained row has (so a match is theirs, not a neighbour's)."""
+    import io
+    import re
+
+    import pandas as pd
+
+    pairs = set(zip(forgotten.user_id, forgotten.item_id, strict=True))
+    stamped = set(zip(forgotten.item_id, forgotten.timestamp, strict=True))
+    stamps = sorted({str(t) for t in forgotten.timestamp} - {str(t) for t in retained.timestamp})
+    pattern = re.compile(rf"(?<![0-9.])(?:{'|'.join(stamps)})(?![0-9])") if stamps else None
+    found = []
+    for name, content in stores:
+        if content[:4] == b"PAR1":
+            frame = pd.read_parquet(io.BytesIO(content))
+            if {"user_id", "item_id"} <= set(frame.columns):
+                hits = pairs & set(zip(frame.user_id, frame.item_id, strict=True))
+                found += [f"{name}: (user, item) row {hit}" for hit in sorted(hits)[:3]]
+            if {"item_id", "timestamp"} <= set(frame.columns):
+                hits = stamped & set(zip(frame.item_id, frame.timestamp, strict=True))
+                found += [f"{name}: (item, timestamp) row {hit}" for hit in sorted(hits)[:3]]
+            continue
+        if pattern is None:
+            continue
+        texts = sqlite_text(content) if content.startswith(b"SQLite format 3") else [("", content.decode("latin-1"))]
+        for where, text in texts:
+            found += [f"{name}: {where}...{text[max(0, m.start() - 60) : m.end() + 20]!r}"
+                      for m in pattern.finditer(text)][:3]  # fmt: skip
+    return found

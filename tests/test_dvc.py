@@ -1,4 +1,5 @@
-"""`dvc repro` runs the same components as the DAG, on a tiny config, and is a no-op the second time."""
+"""`dvc repro` runs the same components as the DAG, on a tiny config, and is a no-op the second time; once the
+batch is honored, `lethe erase` leaves no copy of it in the workspace or DVC's cache."""
 
 import json
 import os
@@ -7,9 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
+from pipeline.data import read_snapshot
+from pipeline.ledger import Ledger
+from pipeline.requests import read_received
 from tests.conftest import REPO, write_params
+from tests.e2e import scan_for_rows, stored_files
 
 pytestmark = pytest.mark.e2e
 
@@ -50,3 +56,27 @@ def test_dvc_repro_runs_every_stage_and_then_has_nothing_to_do(tmp_path: Path):
     assert second.returncode == 0
     assert "didn't change, skipping" in second.stdout
     assert "Running stage" not in second.stdout
+
+    # The batch is honored (the DVC stages stop before a gate: the ledger is told directly, as a gate would). Then
+    # `lethe erase` purges the workspace's outputs and DVC's cache: no copy of the forgotten rows is left, the
+    # rest is as it was, and DVC knows the data changed (the base must be trained again without them).
+    original = read_snapshot(tmp_path / "data" / "snapshot").interactions
+    forgotten_users = {r.request.user_id for r in read_received(tmp_path / "batch" / "claimed.jsonl")}
+    forgotten = original[original.user_id.isin(forgotten_users)]
+    retained = original[~original.user_id.isin(forgotten_users)]
+    assert scan_for_rows(stored_files(tmp_path / ".dvc" / "cache"), forgotten, retained)  # cached before
+    ledger = Ledger(f"sqlite:///{tmp_path / '.lethe' / 'ledger.db'}")
+    assert ledger.honor("batch", "1") == 5
+    ledger.dispose()
+    erased = subprocess.run(
+        [str(Path(sys.executable).with_name("lethe")), "erase", "--snapshot", "data/snapshot", "--dvc-root", "."],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False,
+        env={**os.environ, "LETHE_HOME": str(tmp_path / ".lethe"), "LETHE_PARAMS": str(tmp_path / "params.yaml")},
+    )  # fmt: skip
+    assert erased.returncode == 0, erased.stderr[-3000:]
+    assert scan_for_rows(stored_files(tmp_path), forgotten, retained) == []  # workspace, cache and .lethe
+    after = read_snapshot(tmp_path / "data" / "snapshot").interactions
+    pd.testing.assert_frame_equal(after, retained.reset_index(drop=True))
+    status = dvc(tmp_path, "status", "--json")
+    assert status.returncode == 0 and "train" in json.loads(status.stdout), status.stdout
+    assert "prepare" not in json.loads(status.stdout)  # the purged snapshot is what the lock file records

@@ -13,7 +13,19 @@ import pandas as pd
 import pytest
 
 from pipeline.data import read_snapshot
-from tests.e2e import MODEL, PASS, check_books, ledger_json, lethe, new_home, ran, request_line
+from pipeline.erasure import snapshot_hashes
+from tests.e2e import (
+    MODEL,
+    PASS,
+    check_books,
+    ledger_json,
+    lethe,
+    new_home,
+    ran,
+    request_line,
+    scan_for_rows,
+    stored_files,
+)
 
 pytestmark = pytest.mark.e2e
 # The verdict is forced to pass (tests.e2e.PASS); the rejected verdict is forced in test_e2e_fallback.py.
@@ -185,6 +197,28 @@ def test_a_person_forgotten_asks_again_and_the_next_batch_goes_on(workspace):
     assert drift["figures"]["popularity_jsd"] < 0.01
     assert not (home / "batches" / "second" / "extract_circuits.json").exists()
     assert summary["circuits"] == "reused"
+
+
+def test_nothing_honored_is_kept_in_any_store_and_everyone_else_is_intact(workspace, template_home):
+    """After both honored nights, every store under LETHE_HOME (the snapshot, the batch folders, the ledger,
+    MLflow's database and artifact store, Airflow's database and logs) is scanned for the forgotten users' rows:
+    none is left, and the snapshot holds every other row as it was, under a new content hash it records."""
+    home = workspace["home"]
+    original = read_snapshot(template_home / "data" / "snapshot")
+    gone = [*workspace["sample"], workspace["later"][0]]
+    frame = original.interactions
+    forgotten, retained = frame[frame.user_id.isin(gone)], frame[~frame.user_id.isin(gone)]
+    assert scan_for_rows(stored_files(template_home / "data"), forgotten, retained)  # there before: the scan sees
+    assert scan_for_rows(stored_files(home), forgotten, retained) == []
+    now = read_snapshot(home / "data" / "snapshot")
+    pd.testing.assert_frame_equal(now.interactions, retained.reset_index(drop=True))
+    assert snapshot_hashes(now.manifest) >= {original.manifest["content_hash"], now.manifest["content_hash"]}
+    assert [e["rows"] for e in now.manifest["erasures"]] == [
+        int(frame.user_id.isin(workspace["sample"]).sum()),
+        int((frame.user_id == workspace["later"][0]).sum()),
+    ]
+    summaries = [json.loads((home / "batches" / b / "summary.json").read_text()) for b in ("first", "second")]
+    assert all(s["rows_erased"] > 0 for s in summaries)
 
 
 def raw_id_pattern(user_ids) -> re.Pattern:

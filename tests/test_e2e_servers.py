@@ -26,6 +26,7 @@ from pathlib import Path
 import boto3
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 
 from pipeline.data import read_snapshot
@@ -43,6 +44,8 @@ from tests.e2e import (
     ran,
     request_line,
     require_postgres,
+    scan_for_rows,
+    stored_files,
 )
 
 pytestmark = pytest.mark.e2e
@@ -102,6 +105,21 @@ def tracking_server(s3_server, tmp_path):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def postgres_rows(*urls: str) -> list[tuple[str, bytes]]:
+    """Every row of every table in the schemas of these SQLAlchemy URLs, as JSON text (what a scan reads)."""
+    import sqlalchemy as sa
+
+    rows = []
+    for url in urls:
+        engine = sa.create_engine(url)
+        with engine.connect() as connection:
+            for table in sa.inspect(connection).get_table_names():
+                text = connection.execute(sa.text(f'SELECT row_to_json(t)::text FROM "{table}" t')).scalars().all()
+                rows.append((f"{url.rsplit('%3D', 1)[-1]}.{table}", "\n".join(text).encode()))
+        engine.dispose()
+    return rows
 
 
 def pause_and_take_away(command, env, point: str, relay: Relay, folder: Path) -> tuple[int, str]:
@@ -204,6 +222,18 @@ def test_the_nightly_on_postgresql_s3_and_a_tracking_server_survives_each_going_
                           aws_access_key_id="testing", aws_secret_access_key="testing")  # fmt: skip
         stored = [o["Key"] for o in s3.list_objects_v2(Bucket="mlflow")["Contents"]]
         assert any(key.endswith("report/report.html") for key in stored), stored[:20]
+
+        # Nothing of the two forgotten users is kept: not under LETHE_HOME, not in the tracking server's artifacts
+        # (S3), not in its database or the ledger's (PostgreSQL); everyone else's rows are in the snapshot as before.
+        frame = snapshot.interactions
+        forgotten, retained = frame[frame.user_id.isin(users)], frame[~frame.user_id.isin(users)]
+        artifacts = [(key, s3.get_object(Bucket="mlflow", Key=key)["Body"].read()) for key in stored]
+        assert (
+            scan_for_rows(artifacts + postgres_rows(ledger_url, tracking_server["backend"]), forgotten, retained) == []
+        )
+        assert scan_for_rows(stored_files(home), forgotten, retained) == []
+        pd.testing.assert_frame_equal(read_snapshot(home / "data" / "snapshot").interactions,
+                                      retained.reset_index(drop=True))  # fmt: skip
     finally:
         database.stop()
         landing.stop()
