@@ -34,6 +34,7 @@ from pipeline.bench import (
 )
 from pipeline.data import read_snapshot
 from pipeline.model import device_facts, load_model, resolve_device
+from pipeline.progress import RowLog
 from pipeline.registry import Registry
 
 
@@ -170,6 +171,34 @@ def judge(out: Path, settings) -> dict:
     return {**judged, "rows": len(rows), "criteria": len(criteria)}
 
 
+ROW_LOG = "benchmark_rows.jsonl"  # each (scope, rate, seed) batch as it finishes: a rerun resumes after it
+
+
+def measure_batch(base, snapshot, settings, setting, seed: int, quick: bool) -> dict:
+    """One (scope, rate, seed) batch of the grid: every method's row, and on the reported seeds at the floor rate
+    the retrain-vs-retrain floor and the circuits' faithfulness; each row is also a nested MLflow run."""
+    bench, started = settings.bench, time.perf_counter()
+    rows, extras = benchmark_setting(base, snapshot, settings, setting, seed, bench.methods)
+    for row in rows:
+        with mlflow.start_run(run_name=f"{row['method']}-{setting.scope}-{setting.deletion_rate}-{seed}", nested=True):
+            mlflow.log_params({k: row[k] for k in ("method", "scope", "deletion_rate", "seed")})
+            mlflow.log_metrics(
+                {
+                    k: float(v)
+                    for k, v in row.items()
+                    if isinstance(v, int | float) and not isinstance(v, bool) and k not in ("deletion_rate", "seed")
+                }
+            )
+        print("  " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+    floors, faithful = [], []
+    # the floor and the circuits' faithfulness on the reported seeds; extra seeds only add rows
+    if (setting.scope == "user" and setting.deletion_rate == bench.floor_rate and seed in bench.seeds) or quick:
+        floors.append(retrain_floor(base, extras["data"], settings, setting, seed, extras["reference"]))
+        if "circuits" in extras:
+            faithful += circuit_faithfulness(base, extras["data"], [extras["circuits"]], settings, seed)
+    return {"rows": rows, "floors": floors, "faithful": faithful, "wall_s": time.perf_counter() - started}
+
+
 def main(argv: list[str] | None = None) -> dict:
     cli = device_argument(parser("bench", __doc__))
     mode = cli.add_mutually_exclusive_group()
@@ -206,7 +235,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     batches = grid(bench, args.quick)
 
-    started, rows, floors, faithful = time.perf_counter(), [], [], []
+    provenance = base_provenance(base_dir, meta, base)
+    # one coherent result over any number of sittings: what decides the figures is the log's fingerprint
+    identity = {"settings": settings.model_dump(mode="json"), "quick": args.quick,
+                **{key: provenance[key] for key in ("weights_sha256", "snapshot_hash", "machine")}}  # fmt: skip
+    log = RowLog(args.out / ROW_LOG, identity)
+    rows, floors, faithful = [], [], []
     with mlflow.start_run(run_name="benchmark-quick" if args.quick else "benchmark") as parent:
         mlflow.log_params(
             {
@@ -219,41 +253,27 @@ def main(argv: list[str] | None = None) -> dict:
         )
         for setting, seeds in batches:
             for seed in seeds:
-                print(f"bench: {setting.scope} {setting.deletion_rate:.2%} seed {seed}", flush=True)
-                batch_rows, extras = benchmark_setting(base, snapshot, settings, setting, seed, bench.methods)
-                for row in batch_rows:
-                    with mlflow.start_run(
-                        run_name=f"{row['method']}-{setting.scope}-{setting.deletion_rate}-{seed}", nested=True
-                    ):
-                        mlflow.log_params({k: row[k] for k in ("method", "scope", "deletion_rate", "seed")})
-                        mlflow.log_metrics(
-                            {
-                                k: float(v)
-                                for k, v in row.items()
-                                if isinstance(v, int | float)
-                                and not isinstance(v, bool)
-                                and k not in ("deletion_rate", "seed")
-                            }
-                        )
-                    print(
-                        "  " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}),
-                        flush=True,
-                    )
-                rows.extend(batch_rows)
-                # the floor and the circuits' faithfulness on the reported seeds; extra seeds only add rows
-                at_floor = setting.scope == "user" and setting.deletion_rate == bench.floor_rate and seed in bench.seeds
-                if at_floor or args.quick:
-                    floors.append(retrain_floor(base, extras["data"], settings, setting, seed, extras["reference"]))
-                    if "circuits" in extras:
-                        faithful += circuit_faithfulness(base, extras["data"], [extras["circuits"]], settings, seed)
-        seeds = bench.seeds[:1] if args.quick else bench.seeds  # extraction seeds, compared pairwise
-        stability = circuit_stability(base, snapshot, settings, seeds if len(seeds) > 1 else [seeds[0], seeds[0] + 1])
+                key = f"{setting.scope}:{setting.deletion_rate}:{seed}"
+                if key in log.done:
+                    print(f"bench: {key}: measured in an earlier sitting ({args.out / ROW_LOG}), kept", flush=True)
+                else:
+                    print(f"bench: {setting.scope} {setting.deletion_rate:.2%} seed {seed}", flush=True)
+                    log.add(key, measure_batch(base, snapshot, settings, setting, seed, args.quick))
+                rows += log.done[key]["rows"]
+                floors += log.done[key]["floors"]
+                faithful += log.done[key]["faithful"]
+        if "stability" not in log.done:
+            started = time.perf_counter()
+            seeds = bench.seeds[:1] if args.quick else bench.seeds  # extraction seeds, compared pairwise
+            pairs = seeds if len(seeds) > 1 else [seeds[0], seeds[0] + 1]
+            stability = circuit_stability(base, snapshot, settings, pairs)
+            log.add("stability", {"stability": stability, "wall_s": time.perf_counter() - started})
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "benchmark.json").write_text(json.dumps(rows, indent=2))
-        grid_wall_s = time.perf_counter() - started
+        grid_wall_s = sum(value["wall_s"] for value in log.done.values())  # measuring only, over every sitting
         record = dict(
-            retrain_floor=floors, circuit_stability=stability, circuit_faithfulness=faithful,
-            base_model=base_provenance(base_dir, meta, base), wall_s_total=grid_wall_s,
+            retrain_floor=floors, circuit_stability=log.done["stability"]["stability"], circuit_faithfulness=faithful,
+            base_model=provenance, wall_s_total=grid_wall_s,
         )  # fmt: skip
         table, _ = write_report(args.out, rows, record, settings)
         for name in ("benchmark.json", "benchmark_summary.json", "benchmark.md", "pareto.png"):

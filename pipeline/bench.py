@@ -324,18 +324,21 @@ def forgot(entry: dict, band: tuple[float, float]) -> bool:
 
 def tuning_variants(settings: Settings) -> list[tuple[dict, Settings]]:
     """Every candidate of `bench.tuning`: each method at each retain weight and learning rate, CURE also at
-    each pair of forget and retain fractions."""
+    each pair of forget and retain fractions, NPO at each of its betas."""
     tuning, variants = settings.bench.tuning, []
     cure_pairs = list(itertools.product(tuning.cure_forget_fractions, tuning.cure_retain_fractions))
     for weight, rate in itertools.product(tuning.retain_weights, tuning.learning_rates):
         for method in tuning.methods:
             for pair in cure_pairs if method == "cure" else [(None, None)]:
-                fractions = dict(zip(FRACTIONS, pair, strict=True))
-                unlearn = {"retain_weight": weight, "learning_rate": rate}
-                update = {"unlearn": settings.unlearn.model_copy(update=unlearn)}
-                if method == "cure":
-                    update["circuits"] = settings.circuits.model_copy(update=fractions)
-                variants.append(({"method": method, **unlearn, **fractions}, settings.model_copy(update=update)))
+                for beta in tuning.npo_betas if method == "npo" else [None]:
+                    fractions = dict(zip(FRACTIONS, pair, strict=True))
+                    unlearn = {"retain_weight": weight, "learning_rate": rate}
+                    beta_update = {} if beta is None else {"npo_beta": beta}
+                    update = {"unlearn": settings.unlearn.model_copy(update={**unlearn, **beta_update})}
+                    if method == "cure":
+                        update["circuits"] = settings.circuits.model_copy(update=fractions)
+                    variant = {"method": method, **unlearn, **fractions, "npo_beta": beta}
+                    variants.append((variant, settings.model_copy(update=update)))
     return variants
 
 
@@ -373,7 +376,8 @@ def pair_faithfulness(base: LlamaForCausalLM, data: UnlearningData, settings: Se
 
 
 CANDIDATE = ("retain_weight", "learning_rate")  # what the tuning rule chooses for every method alike
-TUNING_KEYS = ("deletion_rate", "method", *CANDIDATE, *FRACTIONS)  # what a tuning row's variant is, and the rule reads
+# what a tuning row's variant is, and the rule reads: NPO's beta is NPO's own, as the fractions are CURE's
+TUNING_KEYS = ("deletion_rate", "method", *CANDIDATE, *FRACTIONS, "npo_beta")
 
 
 def faithful_pairs(faithful: list[dict]) -> dict[tuple, bool]:
@@ -432,10 +436,14 @@ def choose(rows: list[dict], faithful: list[dict], band: tuple[float, float], ut
         and _candidate(e) in forgetting
         and verdicts.get(_pair(e), False)
     ]
-    choice = dict.fromkeys((*CANDIDATE, *FRACTIONS))
+    choice = dict.fromkeys((*CANDIDATE, *FRACTIONS, "npo_beta"))
     if cure:
         best = max(cure, key=lambda e: (e["ndcg10_ratio_of_means"], -e["learning_rate"], e["retain_weight"]))
-        choice = {key: best[key] for key in choice}
+        choice.update({key: best[key] for key in (*CANDIDATE, *FRACTIONS)})
+        npo = [e for e in means if e["method"] == "npo" and e["deletion_rate"] == utility_rate and e["in_band"]
+               and _candidate(e) == _candidate(best)]  # fmt: skip
+        if npo:
+            choice["npo_beta"] = max(npo, key=lambda e: (e["ndcg10_ratio_of_means"], e["npo_beta"]))["npo_beta"]
     faithfulness = [{**dict(zip(FRACTIONS, pair, strict=True)), "faithful": holds} for pair, holds in verdicts.items()]
     return {"means": means, "faithful_pairs": faithfulness, "choice": choice}
 
@@ -685,16 +693,20 @@ def tuning_table(decision: dict, settings: Settings) -> str:
         f"Tuning seeds {list(tuning.seeds)}, user deletion at {rates}; means over seeds; the NDCG ratio and AUC "
         "differences are paired with a retrain of the same batch.",
         "",
-        "| deletion | method | retain weight | learning rate | forget / retain fraction | NDCG@10 / retrain's (means) "
-        "| MIA AUC loss / Min-K / Min-K++ | in band | AUC minus retrain | JSD to retrain | steps | speed-up |",
+        "| deletion | method | retain weight | learning rate | forget / retain fraction (NPO: β) "
+        "| NDCG@10 / retrain's (means) | MIA AUC loss / Min-K / Min-K++ | in band | AUC minus retrain "
+        "| JSD to retrain | steps | speed-up |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def order(e: dict) -> tuple:
-        return e["deletion_rate"], e["retain_weight"], e["learning_rate"], e["method"], *(e[k] or 0 for k in FRACTIONS)
+        keys = (*FRACTIONS, "npo_beta")
+        return e["deletion_rate"], e["retain_weight"], e["learning_rate"], e["method"], *(e[k] or 0 for k in keys)
 
     for e in sorted(decision["means"], key=order):
         fractions = " / ".join(str(e[k]) for k in FRACTIONS) if e["method"] == "cure" else "—"
+        if e["method"] == "npo":
+            fractions = f"β {e['npo_beta']}"
         aucs = " / ".join(f"{e[f'mia_auc_{a}']:.3f}" for a in ATTACKS)
         diffs = " / ".join(f"{e[f'mia_auc_{a}_minus_retrain']:+.3f}" for a in ATTACKS)
         lines.append(
@@ -731,7 +743,7 @@ def tuning_table(decision: dict, settings: Settings) -> str:
         f"Chosen by the rule of bench.tuning (params.yaml), CURE's utility compared at "
         f"{settings.bench.acceptance.rate:.0%}: retain weight {choice['retain_weight']}, learning rate "
         f"{choice['learning_rate']}, CURE forget fraction {choice['forget_fraction']}, retain fraction "
-        f"{choice['retain_fraction']}.",
+        f"{choice['retain_fraction']}, NPO's beta {choice.get('npo_beta')}.",
     ]
     return "\n".join(lines) + "\n"
 

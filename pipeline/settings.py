@@ -130,6 +130,7 @@ class TuningSettings(_Frozen):
     learning_rates: tuple[float, ...] = Field(min_length=1)  # candidates for bench.unlearn.learning_rate
     cure_forget_fractions: tuple[float, ...] = Field(min_length=1)  # candidates for circuits.forget_fraction
     cure_retain_fractions: tuple[float, ...] = Field(min_length=1)  # candidates for circuits.retain_fraction
+    npo_betas: tuple[float, ...] = Field(min_length=1)  # candidates for NPO's per-item unlearn.npo_beta
 
     @model_validator(mode="after")
     def _cure_is_tuned(self) -> TuningSettings:

@@ -51,7 +51,7 @@ def test_privleak_follows_muse_and_open_unlearning_on_a_worked_example():
     assert [row["privleak"] for row in with_privleak(rows)] == pytest.approx([0.0, -40.0])
 
 
-def test_quick_benchmark_writes_rows_table_plot_and_runs(tmp_path, monkeypatch, template_home):
+def test_quick_benchmark_writes_rows_table_plot_and_runs(tmp_path, monkeypatch, capsys, template_home):
     params = write_params(tmp_path / "params.yaml")
     home, out = with_base(template_home, tmp_path / ".lethe"), tmp_path / "results"  # the base, trained once
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -113,12 +113,23 @@ def test_quick_benchmark_writes_rows_table_plot_and_runs(tmp_path, monkeypatch, 
     children = mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{result['run_id']}'")
     assert len(children) == len(rows)
 
+    # a second sitting with the same params finds every batch in the row log and measures nothing again; a sitting
+    # with other params is refused, not mixed into the same results
+    capsys.readouterr()
+    bench.main(["--params", str(params), "--home", str(home), "--quick", "--out", str(out)])
+    assert "measured in an earlier sitting" in capsys.readouterr().out
+    assert json.loads((out / "benchmark.json").read_text()) == rows
+    assert json.loads((out / "benchmark_summary.json").read_text())["wall_s_total"] == summary["wall_s_total"]
+    other = write_params(tmp_path / "other.yaml", **{"bench.quick_max_steps": 3})
+    with pytest.raises(ValueError, match="benchmark_rows.jsonl:1: written by a run with other params"):
+        bench.main(["--params", str(other), "--home", str(home), "--quick", "--out", str(out)])
 
-def _tuning_row(method, candidate, fractions, seed, ratio, auc, retrain=0.05, rate=0.05):
+
+def _tuning_row(method, candidate, fractions, seed, ratio, auc, retrain=0.05, rate=0.05, beta=None):
     (weight, learning_rate), (forget_fraction, retain_fraction) = candidate, fractions
     return {
         "method": method, "deletion_rate": rate, "retain_weight": weight, "learning_rate": learning_rate,
-        "forget_fraction": forget_fraction, "retain_fraction": retain_fraction, "seed": seed,
+        "forget_fraction": forget_fraction, "retain_fraction": retain_fraction, "seed": seed, "npo_beta": beta,
         "ndcg10_retain": ratio * retrain, "ndcg10_vs_retrain": ratio, "jsd_to_retrain": 0.3,
         "speedup_vs_retrain": 5.0, "steps": 10,
         **{f"mia_auc_{a}": auc for a in ("loss", "mink", "minkpp")},
@@ -173,19 +184,19 @@ def test_choose_takes_the_candidate_that_forgets_at_every_rate_with_cures_best_u
     faithful = _faithfulness(PAIRS)
     decision = choose(rows, faithful, band, 0.05)
     assert decision["choice"] == {
-        "retain_weight": 30, "learning_rate": 0.02, "forget_fraction": 0.5, "retain_fraction": 0.7
+        "retain_weight": 30, "learning_rate": 0.02, "forget_fraction": 0.5, "retain_fraction": 0.7, "npo_beta": None
     }  # fmt: skip
     grad_diff = next(e for e in decision["means"] if e["method"] == "grad_diff" and e["learning_rate"] == 0.02)
     assert grad_diff["seeds"] == 2 and grad_diff["mia_auc_loss"] == pytest.approx(0.54) and grad_diff["in_band"]
     # CURE's utility is compared at the given rate only: at 10% (30, 0.03) would win with 0.99
     assert choose(rows, faithful, band, 0.10)["choice"] == {
-        "retain_weight": 30, "learning_rate": 0.03, "forget_fraction": 0.3, "retain_fraction": 0.7
+        "retain_weight": 30, "learning_rate": 0.03, "forget_fraction": 0.3, "retain_fraction": 0.7, "npo_beta": None
     }  # fmt: skip
     # once grad_diff forgets the 10% batch at weight 15, that candidate's better utility wins
     aucs = ("mia_auc_loss", "mia_auc_mink", "mia_auc_minkpp")
     forgetting = [{**r, **dict.fromkeys(aucs, 0.5)} if r["retain_weight"] == 15 else r for r in rows]
     assert choose(forgetting, faithful, band, 0.05)["choice"] == {
-        "retain_weight": 15, "learning_rate": 0.02, "forget_fraction": 0.3, "retain_fraction": 0.7
+        "retain_weight": 15, "learning_rate": 0.02, "forget_fraction": 0.3, "retain_fraction": 0.7, "npo_beta": None
     }  # fmt: skip
     # the ratio of the means, not the mean of per-seed ratios: with retrains at 0.05 and 0.01, (0.3, 0.7)'s
     # ratios 0.6 and 1.3 average 0.95, above (0.5, 0.7)'s 0.87, but its NDCG is 0.717 of retrain's on the means
@@ -226,13 +237,33 @@ def test_choose_takes_only_cure_pairs_whose_circuits_are_faithful_on_every_batch
     # the better pair's circuits fail on one batch of four, at the other rate: a mean over batches would keep it
     decision = choose(rows, _faithfulness(pairs, unfaithful={((0.5, 0.7), 0.10, 1)}), band, 0.05)
     assert decision["choice"] == {
-        "retain_weight": 30, "learning_rate": 0.02, "forget_fraction": 0.3, "retain_fraction": 0.7
+        "retain_weight": 30, "learning_rate": 0.02, "forget_fraction": 0.3, "retain_fraction": 0.7, "npo_beta": None
     }  # fmt: skip
     verdicts = {(e["forget_fraction"], e["retain_fraction"]): e["faithful"] for e in decision["faithful_pairs"]}
     assert verdicts == {(0.3, 0.7): True, (0.5, 0.7): False}
     # a pair whose circuits were never measured is not taken; with none measured nothing is
     assert choose(rows, _faithfulness([(0.3, 0.7)]), band, 0.05)["choice"]["forget_fraction"] == 0.3
     assert choose(rows, [], band, 0.05)["choice"] == dict.fromkeys(decision["choice"])
+
+
+def test_choose_takes_npos_beta_like_cures_pair_under_the_chosen_candidate():
+    """NPO counts as forgetting if one of its betas does; its beta is then the one inside the band with the best
+    utility at the utility rate, under the candidate CURE's choice fixed."""
+    band, none = (0.45, 0.55), (None, None)
+    rows = []
+    for seed in (0, 1):
+        for rate in (0.05, 0.10):
+            rows += [
+                _tuning_row("cure", (30, 0.02), (0.3, 0.5), seed, 0.95, 0.50, rate=rate),
+                _tuning_row("npo", (30, 0.02), none, seed, 0.99, 0.62, rate=rate, beta=0.1),  # not forgotten
+                _tuning_row("npo", (30, 0.02), none, seed, 0.90, 0.50, rate=rate, beta=1.0),
+                _tuning_row("npo", (30, 0.02), none, seed, 0.93, 0.52, rate=rate, beta=5.0),
+                _tuning_row("npo", (30, 0.02), none, seed, 0.97, 0.44, rate=rate, beta=2.0),  # overshoots the band
+            ]
+    decision = choose(rows, _faithfulness(PAIRS), band, 0.05)
+    assert decision["choice"]["npo_beta"] == 5.0 and decision["choice"]["retain_weight"] == 30
+    only_the_peers_beta = [r for r in rows if r["npo_beta"] in (None, 0.1)]  # at 0.1 alone NPO never forgets
+    assert choose(only_the_peers_beta, _faithfulness(PAIRS), band, 0.05)["choice"]["retain_weight"] is None
 
 
 def test_acceptance_judges_cure_on_means_and_says_when_an_interval_straddles_the_threshold():
