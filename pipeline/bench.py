@@ -322,6 +322,16 @@ def forgot(entry: dict, band: tuple[float, float]) -> bool:
     return all(band[0] <= entry[f"mia_auc_{attack}"] <= band[1] for attack in ATTACKS)
 
 
+def forgot_by_test(rows: list[dict], method: str, mean: dict, band: tuple[float, float]) -> bool:
+    """Whether a method forgot a setting's batches: the gate's own leakage test (`leak_detected`: Holm over the
+    attacks at gate.alpha, either direction) finds no leak on at least half of its seeds. Rows measured before
+    the test existed carry no verdict; for them the benchmark's band on the mean AUCs decides (`forgot`)."""
+    verdicts = [r["leak_detected"] for r in rows if r["method"] == method and "leak_detected" in r]
+    if not verdicts:
+        return forgot(mean, band)
+    return sum(not leak for leak in verdicts) >= len(verdicts) / 2
+
+
 def tuning_variants(settings: Settings) -> list[tuple[dict, Settings]]:
     """Every candidate of `bench.tuning`: each method at each retain weight and learning rate, CURE also at
     each pair of forget and retain fractions, NPO at each of its betas."""
@@ -509,9 +519,10 @@ def circuit_stability(base: LlamaForCausalLM, snapshot: Snapshot, settings: Sett
     }
 
 
+# leak_detected: its mean is the share of seeds on which the gate's test found a leak
 SUMMARY_KEYS = (
     *ROW_KEYS[4:], "steps", "ndcg10_vs_retrain", "mia_auc_loss_minus_retrain", "mia_auc_mink_minus_retrain",
-    "mia_auc_minkpp_minus_retrain",
+    "mia_auc_minkpp_minus_retrain", "mia_auc_item_rank", "leak_detected",
 )  # fmt: skip
 
 
@@ -548,7 +559,8 @@ def summarise(rows: list[dict], by: tuple[str, ...] = ("method", "scope", "delet
 
 
 TABLE_COLUMNS = ("ndcg10_retain", "hr10_retain", "ndcg10_forget_train", "mia_auc_loss", "mia_auc_mink",
-                 "mia_auc_minkpp", "privleak", "jsd_to_retrain", "wall_s", "speedup_vs_retrain")  # fmt: skip
+                 "mia_auc_minkpp", "mia_auc_item_rank", "leak_detected", "privleak", "jsd_to_retrain", "wall_s",
+                 "speedup_vs_retrain")  # fmt: skip
 PAIRED_COLUMNS = ("ndcg10_vs_retrain", "mia_auc_loss_minus_retrain", "mia_auc_mink_minus_retrain",
                   "mia_auc_minkpp_minus_retrain")  # fmt: skip
 
@@ -633,10 +645,10 @@ def acceptance(rows: list[dict], summary: list[dict], grid_wall_s: float, settin
             by_seed.setdefault(row["method"], {})[row["seed"]] = row["jsd_to_retrain"]
     # A method that did not forget stays near the base model, and the base is as close to retrain as two
     # retrains are to each other: its low divergence says it did little, not that it behaves like retrain. The
-    # rivals are the methods that forgot (mean AUC inside the stopping rule's target band on every attack).
-    # If none did, every other method is a rival, and the criterion's name says so.
+    # rivals are the methods that forgot (`forgot_by_test`). If none did, every other method is a rival, and the
+    # criterion's name says so.
     others = {m: v for m, v in by_seed.items() if m != "cure"}
-    passed_over = sorted(m for m in others if not forgot(at[m], settings.bench.auc_band))
+    passed_over = sorted(m for m in others if not forgot_by_test(batch_rows, m, at[m], settings.bench.auc_band))
     if len(passed_over) < len(others):
         others = {m: v for m, v in others.items() if m not in passed_over}
         note = f"; only methods that forgot count, not {', '.join(passed_over)}" if passed_over else ""

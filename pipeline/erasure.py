@@ -34,7 +34,7 @@ from pipeline.requests import CLAIMED_FILE, read_received, write_received
 SNAPSHOT_MANIFEST = "manifest.json"  # beside a snapshot's interactions.parquet (pipeline.data)
 
 
-class ErasureFailed(OSError):
+class ErasureFailed(RuntimeError):
     """A store could not be purged; the message names it. The requests stay honored (the model forgot them);
     the next erasure tries again."""
 

@@ -274,23 +274,27 @@ def stored_files(root: Path):
             yield path.relative_to(root).as_posix(), path.read_bytes()
 
 
-def sqlite_text(content: bytes):
-    """Every text value of every table of a SQLite database file."""
+def sqlite_text(database: Path | bytes):
+    """(table, text) for every text value of every table of a SQLite database: a file (read in place, its
+    write-ahead log included) or a file's content (read from a copy)."""
     import sqlite3
     import tempfile
 
-    with tempfile.NamedTemporaryFile(suffix=".db") as copy:  # read a copy: the file may be a WAL database in use
-        copy.write(content)
-        copy.flush()
-        with contextlib.closing(sqlite3.connect(copy.name)) as connection:
-            tables = [row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")]
-            for table in tables:
-                for row in connection.execute(f'SELECT * FROM "{table}"'):
-                    for value in row:
-                        if isinstance(value, bytes):
-                            value = value.decode("utf-8", "replace")
-                        if isinstance(value, str):
-                            yield f"{table}: ", value
+    with contextlib.ExitStack() as stack:
+        if isinstance(database, bytes):
+            copy = stack.enter_context(tempfile.NamedTemporaryFile(suffix=".db"))
+            copy.write(database)
+            copy.flush()
+            database = Path(copy.name)
+        connection = stack.enter_context(contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)))
+        tables = [row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        for table in tables:
+            for row in connection.execute(f'SELECT * FROM "{table}"'):
+                for value in row:
+                    if isinstance(value, bytes):
+                        value = value.decode("utf-8", "replace")
+                    if isinstance(value, str):
+                        yield table, value
 
 
 def scan_for_rows(stores, forgotten, retained) -> list[str]:
@@ -322,8 +326,9 @@ def scan_for_rows(stores, forgotten, retained) -> list[str]:
             continue
         if pattern is None:
             continue
-        texts = sqlite_text(content) if content.startswith(b"SQLite format 3") else [("", content.decode("latin-1"))]
-        for where, text in texts:
+        texts = sqlite_text(content) if content.startswith(b"SQLite format 3") else [(None, content.decode("latin-1"))]
+        for table, text in texts:
+            where = f"{table}: " if table else ""
             found += [f"{name}: {where}...{text[max(0, m.start() - 60) : m.end() + 20]!r}"
                       for m in pattern.finditer(text)][:3]  # fmt: skip
     return found

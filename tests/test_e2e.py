@@ -24,6 +24,7 @@ from tests.e2e import (
     ran,
     request_line,
     scan_for_rows,
+    sqlite_text,
     stored_files,
 )
 
@@ -288,15 +289,8 @@ def scan_for_raw_ids(home: Path, user_ids) -> list[str]:
             continue
         content = path.read_bytes()
         if content.startswith(b"SQLite format 3"):
-            with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as connection:
-                tables = [row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")]
-                for table in tables:
-                    for row in connection.execute(f'SELECT * FROM "{table}"'):
-                        for value in row:
-                            if isinstance(value, bytes):
-                                value = value.decode("utf-8", "replace")
-                            if isinstance(value, str):
-                                found += [f"{relative}:{table}: {hit}" for hit in text_hits(value, pattern)]
+            for table, value in sqlite_text(path):
+                found += [f"{relative}:{table}: {hit}" for hit in text_hits(value, pattern)]
         elif path.suffix == ".safetensors":
             header = content[8 : 8 + int.from_bytes(content[:8], "little")].decode()
             found += [f"{relative}: {hit}" for hit in text_hits(header, pattern)]
