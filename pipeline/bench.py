@@ -405,15 +405,19 @@ def faithful_pairs(faithful: list[dict]) -> dict[tuple, bool]:
 
 
 def choose(rows: list[dict], faithful: list[dict], band: tuple[float, float], utility_rate: float) -> dict:
-    """The rule of `bench.tuning`, forgetting first. A (retain weight, learning rate) candidate forgets if, at
-    every tuning deletion rate, every method's mean AUC (over the tuning seeds) lies inside the band on every
-    attack, CURE counting as inside if one of its (forget, retain) fraction pairs is. CURE's pairs must also
-    give faithful circuits on every batch (`faithful_pairs`; a pair never measured is not). Of the faithful CURE
-    pairs that are inside the band at `utility_rate` under a candidate that forgets, the rule takes the one with
-    the highest ratio of CURE's mean NDCG@10 to retrain's there, and with it its candidate (the ratio of the
-    means, as bench.acceptance judges utility: a mean of per-seed ratios is inflated by a seed whose retrain came
-    out low); on a tie, the smaller learning rate, then the larger weight. Returns the means it decided on, the
-    faithfulness verdict per pair and the choice (None everywhere if nothing fits)."""
+    """The rule of `bench.tuning`, forgetting first. A variant forgets at a deletion rate if the gate's own
+    leakage test finds no leak on at least half of its tuning seeds (`forgot_by_test`; rows from before the test
+    existed: its mean AUC inside the band on every attack). A (retain weight, learning rate) candidate forgets
+    if every method forgets at every tuning deletion rate, CURE counting if one of its (forget, retain) fraction
+    pairs does and NPO if one of its betas does. CURE's pairs must also give faithful circuits on every batch
+    (`faithful_pairs`; a pair never measured is not). Of the faithful CURE pairs that forget at `utility_rate`
+    under a candidate that forgets, the rule takes the one with the highest ratio of CURE's mean NDCG@10 to
+    retrain's there, and with it its candidate (the ratio of the means, as bench.acceptance judges utility: a
+    mean of per-seed ratios is inflated by a seed whose retrain came out low); on a tie, the smaller learning
+    rate, then the larger weight. NPO's beta is chosen the same way under that candidate: among the betas that
+    forget at every tuning rate, the best ratio of means at `utility_rate`; on a tie, the larger beta. Returns
+    the means it decided on, the faithfulness verdict per pair and the choice (None everywhere if nothing
+    fits)."""
     by = TUNING_KEYS
     means = summarise(rows, by=by)
     # every row of a batch is paired with that batch's one retrain: its NDCG@10 is a row's mean over users divided
@@ -424,13 +428,13 @@ def choose(rows: list[dict], faithful: list[dict], band: tuple[float, float], ut
         if row["ndcg10_vs_retrain"]
     }
     for entry in means:
-        entry["in_band"] = forgot(entry, band)
         members = [row for row in rows if all(row[key] == entry[key] for key in by)]
+        entry["forgot"] = forgot_by_test(members, entry["method"], entry, band)
         entry["ndcg10_ratio_of_means"] = sum(row["ndcg10_retain"] for row in members) / sum(
             retrain[row["deletion_rate"], row["seed"]] for row in members
         )
     methods, rates = {e["method"] for e in means}, {e["deletion_rate"] for e in means}
-    inside = {(_candidate(e), e["deletion_rate"], e["method"]) for e in means if e["in_band"]}
+    inside = {(_candidate(e), e["deletion_rate"], e["method"]) for e in means if e["forgot"]}
     forgetting = {
         candidate
         for candidate in {_candidate(e) for e in means}
@@ -442,7 +446,7 @@ def choose(rows: list[dict], faithful: list[dict], band: tuple[float, float], ut
         for e in means
         if e["method"] == "cure"
         and e["deletion_rate"] == utility_rate
-        and e["in_band"]
+        and e["forgot"]
         and _candidate(e) in forgetting
         and verdicts.get(_pair(e), False)
     ]
@@ -450,8 +454,10 @@ def choose(rows: list[dict], faithful: list[dict], band: tuple[float, float], ut
     if cure:
         best = max(cure, key=lambda e: (e["ndcg10_ratio_of_means"], -e["learning_rate"], e["retain_weight"]))
         choice.update({key: best[key] for key in (*CANDIDATE, *FRACTIONS)})
-        npo = [e for e in means if e["method"] == "npo" and e["deletion_rate"] == utility_rate and e["in_band"]
-               and _candidate(e) == _candidate(best)]  # fmt: skip
+        npo = {(e["npo_beta"], e["deletion_rate"]): e for e in means
+               if e["method"] == "npo" and _candidate(e) == _candidate(best)}  # fmt: skip
+        betas = [b for b in {b for b, _ in npo} if all(npo.get((b, rate), {}).get("forgot") for rate in rates)]
+        npo = [npo[b, utility_rate] for b in betas if (b, utility_rate) in npo]
         if npo:
             choice["npo_beta"] = max(npo, key=lambda e: (e["ndcg10_ratio_of_means"], e["npo_beta"]))["npo_beta"]
     faithfulness = [{**dict(zip(FRACTIONS, pair, strict=True)), "faithful": holds} for pair, holds in verdicts.items()]
@@ -706,7 +712,7 @@ def tuning_table(decision: dict, settings: Settings) -> str:
         "differences are paired with a retrain of the same batch.",
         "",
         "| deletion | method | retain weight | learning rate | forget / retain fraction (NPO: β) "
-        "| NDCG@10 / retrain's (means) | MIA AUC loss / Min-K / Min-K++ | in band | AUC minus retrain "
+        "| NDCG@10 / retrain's (means) | MIA AUC loss / Min-K / Min-K++ | forgot | AUC minus retrain "
         "| JSD to retrain | steps | speed-up |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -723,7 +729,7 @@ def tuning_table(decision: dict, settings: Settings) -> str:
         diffs = " / ".join(f"{e[f'mia_auc_{a}_minus_retrain']:+.3f}" for a in ATTACKS)
         lines.append(
             f"| {e['deletion_rate']:.0%} | {e['method']} | {e['retain_weight']} | {e['learning_rate']} | {fractions} "
-            f"| {e['ndcg10_ratio_of_means']:.3f} | {aucs} | {'yes' if e['in_band'] else 'no'} | {diffs} "
+            f"| {e['ndcg10_ratio_of_means']:.3f} | {aucs} | {'yes' if e['forgot'] else 'no'} | {diffs} "
             f"| {e['jsd_to_retrain']:.3f} | {e['steps']:.1f} | {e['speedup_vs_retrain']:.1f}× |"
         )
     seeds = " / ".join(str(seed) for seed in tuning.seeds)

@@ -187,7 +187,7 @@ def test_choose_takes_the_candidate_that_forgets_at_every_rate_with_cures_best_u
         "retain_weight": 30, "learning_rate": 0.02, "forget_fraction": 0.5, "retain_fraction": 0.7, "npo_beta": None
     }  # fmt: skip
     grad_diff = next(e for e in decision["means"] if e["method"] == "grad_diff" and e["learning_rate"] == 0.02)
-    assert grad_diff["seeds"] == 2 and grad_diff["mia_auc_loss"] == pytest.approx(0.54) and grad_diff["in_band"]
+    assert grad_diff["seeds"] == 2 and grad_diff["mia_auc_loss"] == pytest.approx(0.54) and grad_diff["forgot"]
     # CURE's utility is compared at the given rate only: at 10% (30, 0.03) would win with 0.99
     assert choose(rows, faithful, band, 0.10)["choice"] == {
         "retain_weight": 30, "learning_rate": 0.03, "forget_fraction": 0.3, "retain_fraction": 0.7, "npo_beta": None
@@ -264,6 +264,10 @@ def test_choose_takes_npos_beta_like_cures_pair_under_the_chosen_candidate():
     assert decision["choice"]["npo_beta"] == 5.0 and decision["choice"]["retain_weight"] == 30
     only_the_peers_beta = [r for r in rows if r["npo_beta"] in (None, 0.1)]  # at 0.1 alone NPO never forgets
     assert choose(only_the_peers_beta, _faithfulness(PAIRS), band, 0.05)["choice"]["retain_weight"] is None
+    # rows that carry the gate's test are judged by it: beta 5 leaks at 10% (so it does not forget at every
+    # rate), and beta 0.1, outside the band, passes the test everywhere; of the betas left, 0.1 keeps most utility
+    tested = [{**r, "leak_detected": r["npo_beta"] in (2.0, 5.0) and r["deletion_rate"] == 0.10} for r in rows]
+    assert choose(tested, _faithfulness(PAIRS), band, 0.05)["choice"]["npo_beta"] == 0.1
 
 
 def test_acceptance_judges_cure_on_means_and_says_when_an_interval_straddles_the_threshold():
