@@ -25,9 +25,6 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-import pandas as pd
-
-from pipeline.data import content_hash, drop_forgotten
 from pipeline.pii import user_key, user_keys
 from pipeline.requests import CLAIMED_FILE, read_received, write_received
 
@@ -47,6 +44,10 @@ def _replace(path: Path, write) -> None:
 
 def purge_table(path: Path, users: set[str], pairs: dict[str, set[int]], now: str) -> int:
     """Drop the honored rows from one Parquet table with user_id and item_id columns; the rows dropped."""
+    import pandas as pd  # here, not at import: every step imports this module for ErasureFailed
+
+    from pipeline.data import content_hash, drop_forgotten
+
     frame = pd.read_parquet(path)
     if not {"user_id", "item_id"} <= set(frame.columns):
         return 0
