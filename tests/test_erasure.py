@@ -55,6 +55,10 @@ def test_honored_rows_leave_every_store_and_the_rest_stays_as_it_was(stores, sna
     manifest = after.manifest
     assert manifest["content_hash"] != snapshot.manifest["content_hash"]
     assert [e["rows"] for e in manifest["erasures"]] == [len(forgotten)]
+    counts = manifest["counts"]  # what the manifest says is there is what is there
+    assert counts["interactions"] == len(retained) == counts["train"] + counts["val"] + counts["test"]
+    assert counts["users"] == retained.user_id.nunique() == snapshot.manifest["counts"]["users"] - 2
+    assert counts["items"] == snapshot.manifest["counts"]["items"]
     assert snapshot_hashes(manifest) == {manifest["content_hash"], snapshot.manifest["content_hash"]}
 
     one = pd.read_parquet(home / "batches" / "one" / "split.parquet")
