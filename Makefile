@@ -65,7 +65,7 @@ browser:
 
 test: install tools kfp services browser
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25
 
 # The MLflow tracking server a team runs: PostgreSQL as the backend store, artifacts proxied by the server to S3
 # (S3's endpoint and credentials from the environment: MLFLOW_S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...). Then

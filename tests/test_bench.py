@@ -419,12 +419,14 @@ def test_tuning_runs_every_variant_on_the_tuning_seeds_only(tmp_path, monkeypatc
     table = (out / "tuning.md").read_text()
     assert table.count("| cure |") == 8 and f"learning rate {result['choice']['learning_rate']}" in table
 
-    # judging again under a band no row lies in (all three AUCs within 1e-5 of 0.5) re-decides from the same rows
-    none = write_params(tmp_path / "none.yaml", **{"bench.auc_band": [0.49999, 0.50001]})
-    judged = bench.main(["--params", str(none), "--home", str(home), "--judge", "--out", str(out)])
+    # judging again re-decides from the stored rows: where the gate's test found a leak on every row, no candidate
+    # forgets and nothing is chosen (the band does not enter: these rows carry the test)
+    leaking = [{**r, "leak_detected": True} for r in rows]
+    (out / "tuning.json").write_text(json.dumps({**record, "rows": leaking}))
+    judged = bench.main(["--params", str(params), "--home", str(home), "--judge", "--out", str(out)])
     rejudged = json.loads((out / "tuning.json").read_text())
     assert judged["tuning_choice"] == rejudged["choice"] == dict.fromkeys(rejudged["choice"])
-    assert rejudged["rows"] == rows and "learning rate None" in (out / "tuning.md").read_text()
+    assert rejudged["rows"] == leaking and "learning rate None" in (out / "tuning.md").read_text()
 
     # records from before the rule chose the retain weight, or before it measured the circuits' faithfulness,
     # cannot be judged by it: a clear error, the file kept
