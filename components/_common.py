@@ -18,6 +18,7 @@ from pathlib import Path
 
 from components.contract import decision
 from pipeline.erasure import ErasureFailed
+from pipeline.jsonsafe import plain_numbers
 from pipeline.settings import DEVICES, Home, Settings, SettingsError, load_settings
 
 CRASH_VARIABLE = "LETHE_TEST_CRASH_AT"  # tests only: the hook point at which the whole run dies
@@ -170,7 +171,7 @@ def entry_point(step: str, main: Callable[[list[str] | None], dict]) -> None:
         sys.exit(2)
     if copy := os.environ.get(MANIFEST_COPY_VARIABLE):  # in a pod, KubernetesPodOperator's sidecar reads it
         Path(copy).parent.mkdir(parents=True, exist_ok=True)
-        Path(copy).write_text(json.dumps(manifest, default=str))
+        Path(copy).write_text(json.dumps(plain_numbers(manifest), default=str))  # strict JSON: XCom has no NaN
     for decide, path in decisions:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(decide(manifest)))

@@ -33,6 +33,7 @@ from pipeline.bench import (
     with_privleak,
 )
 from pipeline.data import read_snapshot
+from pipeline.leakage import TEST_VERSION
 from pipeline.model import device_facts, load_model, resolve_device
 from pipeline.progress import RowLog
 from pipeline.registry import Registry
@@ -237,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     provenance = base_provenance(base_dir, meta, base)
     # one coherent result over any number of sittings: what decides the figures is the log's fingerprint
-    identity = {"settings": settings.model_dump(mode="json"), "quick": args.quick,
+    identity = {"settings": settings.model_dump(mode="json"), "quick": args.quick, "leakage_test": TEST_VERSION,
                 **{key: provenance[key] for key in ("weights_sha256", "snapshot_hash", "machine")}}  # fmt: skip
     log = RowLog(args.out / ROW_LOG, identity)
     rows, floors, faithful = [], [], []

@@ -12,8 +12,10 @@ Then the stopping rule on small batches: the pool's batches of one and two users
 (two whole users and one interaction request), are unlearned from the base with the nightly's settings; each row
 keeps item_rank's z before any update and at the kept checkpoint, and the gate's verdict there.
 
-Each (seed, scope) writes its rows to calibration_rows.jsonl as it finishes; a rerun skips what is there.
-Then calibration.json, calibration.md and calibration.png are written from all rows.
+Each (seed, scope) writes its rows to calibration_rows.jsonl as it finishes (pipeline.progress.RowLog, under a
+fingerprint of the params, the base weights and the test's definition); a rerun skips what is there and refuses
+a file written under another fingerprint. Then calibration.json, calibration.md and calibration.png are written
+from all rows.
 """
 
 from __future__ import annotations
@@ -27,11 +29,13 @@ import numpy as np
 from scipy import stats
 
 from components._common import context, device_argument, entry_point, parser
+from components.bench import base_provenance
 from components.train import ensure_base_model
 from pipeline.bench import Setting, deletion_requests, run_method
 from pipeline.data import read_snapshot
-from pipeline.leakage import ATTACKS
+from pipeline.leakage import ATTACKS, TEST_VERSION
 from pipeline.model import load_model, resolve_device
+from pipeline.progress import RowLog
 from pipeline.splits import build_split, unlearning_data
 from pipeline.unlearn import LeakageProbe, run_unlearning
 
@@ -59,7 +63,7 @@ def batch_row(model, snapshot, requests, settings, keys: dict) -> dict:
         "leak": evidence.leak,
         "design_effect": evidence.design_effect,
         **{f"{key}_{attack}": getattr(test, key) for attack, test in evidence.tests.items()
-           for key in ("auc", "z", "p_value", "p_holm", "mde", "n_forgotten", "n_reference")},
+           for key in ("auc", "z", "p_value", "p_holm", "mde", "n_forgotten", "n_reference", "applies")},
     }  # fmt: skip
 
 
@@ -137,10 +141,11 @@ def summarise(rows: list[dict], settings) -> dict:
     for scope in sorted({r["scope"] for r in null}):
         at = [r for r in null if r["scope"] == scope]
         by_scope[scope] = binomial(sum(not r["leak"] for r in at), len(at), confidence)
-    per_attack = {
-        attack: binomial(sum(r[f"p_value_{attack}"] <= alpha / len(ATTACKS) for r in null), len(null), confidence)
-        for attack in ATTACKS
-    }
+    per_attack = {}
+    for attack in ATTACKS:  # over the batches it applies to (the per-user attacks: batches with whole users)
+        applied = [r for r in null if r.get(f"applies_{attack}", True)]
+        per_attack[attack] = binomial(sum(r[f"p_value_{attack}"] <= alpha / len(ATTACKS) for r in applied),
+                                      len(applied), confidence)  # fmt: skip
     power = {}
     for scope in sorted({r["scope"] for r in rows}):
         for size in sorted({r["users"] for r in rows if r["scope"] == scope}):
@@ -199,7 +204,8 @@ def markdown(summary: dict) -> str:
         "|---|---|",
         *(f"| {scope} | {rate(entry)} |" for scope, entry in summary["pass_rate_null_by_scope"].items()),
         "",
-        "Each attack alone, rejections at alpha / 4 on retrained models:",
+        "Each attack alone, rejections at alpha / 4 on retrained models, over the batches it applies to (the "
+        "per-user attacks: batches with a user forgotten whole):",
         "",
         "| attack | rejection rate |",
         "|---|---|",
@@ -265,31 +271,29 @@ def main(argv: list[str] | None = None) -> dict:
     args = cli.parse_args(argv)
     device = resolve_device(args.device)
     settings, home = context(args)
-    base, _ = load_model(ensure_base_model(args.params, home, settings), device)
+    base_dir = ensure_base_model(args.params, home, settings)
+    base, meta = load_model(base_dir, device)
     snapshot = read_snapshot(home.snapshot)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / ROWS
-    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    done = {(r["seed"], r.get("scope", "stopping")) for r in rows}
-    for seed in settings.calibration.seeds:
-        for scope in ("user", "interactions"):
-            if (seed, scope) in done:
-                continue
-            print(f"calibrate: seed {seed}, {scope}: retraining without the pool", flush=True)
-            new = calibrate_pool(base, snapshot, settings, seed, scope)
-            with path.open("a") as handle:
-                handle.writelines(json.dumps(row) + "\n" for row in new)
-            rows += new
-            null = [r for r in new if r["model"] == "retrained"]
-            print(f"  passed {sum(not r['leak'] for r in null)} of {len(null)} on the retrained model", flush=True)
-    for seed in settings.calibration.seeds:
-        if (seed, "stopping") in done:
+    provenance = base_provenance(base_dir, meta, base)
+    identity = {"settings": settings.model_dump(mode="json"), "leakage_test": TEST_VERSION,
+                **{key: provenance[key] for key in ("weights_sha256", "snapshot_hash", "machine")}}  # fmt: skip
+    log = RowLog(args.out / ROWS, identity)
+    seeds = settings.calibration.seeds
+    units = [(f"{seed}:{scope}", seed, scope) for seed in seeds for scope in ("user", "interactions")]
+    units += [(f"{seed}:stopping", seed, None) for seed in seeds]
+    for key, seed, scope in units:
+        if key in log.done:
             continue
-        print(f"calibrate: seed {seed}, the stopping rule on small batches", flush=True)
-        new = stopping_rows(base, snapshot, settings, seed)
-        with path.open("a") as handle:
-            handle.writelines(json.dumps(row) + "\n" for row in new)
-        rows += new
+        if scope is None:
+            print(f"calibrate: seed {seed}, the stopping rule on small batches", flush=True)
+            log.add(key, {"rows": stopping_rows(base, snapshot, settings, seed)})
+            continue
+        print(f"calibrate: seed {seed}, {scope}: retraining without the pool", flush=True)
+        log.add(key, {"rows": calibrate_pool(base, snapshot, settings, seed, scope)})
+        null = [r for r in log.done[key]["rows"] if r["model"] == "retrained"]
+        print(f"  passed {sum(not r['leak'] for r in null)} of {len(null)} on the retrained model", flush=True)
+    rows = [row for key, _, _ in units for row in log.done[key]["rows"]]
     summary = summarise(rows, settings)
     (args.out / "calibration.json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=2))
     (args.out / "calibration.md").write_text(markdown(summary))

@@ -29,7 +29,7 @@ def flatten(prefix: str, value) -> dict[str, object]:
     return {prefix: value}
 
 
-TEST_FIGURES = ("auc", "p_value", "p_holm", "z", "mde", "n_forgotten", "n_reference")
+TEST_FIGURES = ("auc", "p_value", "p_holm", "z", "mde", "n_forgotten", "n_reference", "applies")
 
 
 def request_evidence(evaluation: dict, batch_id: str, version, settings):
@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> dict:
             mlflow.log_metrics({f"{stage}.{k}": v for k, v in figures.items() if isinstance(v, float)})
             mlflow.log_metrics({f"{stage}.mia_auc.{a}": e["value"] for a, e in figures["mia_auc"].items()})
             for attack, test in figures.get("leakage", {}).get("tests", {}).items():
+                if not test.get("applies", True):  # no figures: the batch had nothing it could score
+                    continue
                 mlflow.log_metrics({f"{stage}.leakage.{attack}.{key}": test[key] for key in ("p_value", "p_holm", "z")})
         if evaluation.get("utility"):
             mlflow.log_metrics({"utility.ndcg10_ratio_lower_bound": evaluation["utility"]["lower_bound"]})

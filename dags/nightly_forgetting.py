@@ -28,6 +28,7 @@ from datetime import datetime, timedelta
 from airflow.sdk import dag, get_current_context, task
 
 from components.contract import arguments, decision, invocation, manifest_file
+from pipeline.jsonsafe import plain_numbers
 from pipeline.settings import Home, default_params_path, load_settings
 
 SETTINGS = load_settings()
@@ -59,7 +60,7 @@ def run_component(step: str) -> dict:
     )
     if process.returncode != 0:
         raise RuntimeError(f"step {step} failed with exit code {process.returncode}; its error is in the log above")
-    return json.loads((batch_dir / manifest_file(step)).read_text())
+    return plain_numbers(json.loads((batch_dir / manifest_file(step)).read_text()))  # XCom is strict JSON
 
 
 def pod_task(step: str, **task_arguments):

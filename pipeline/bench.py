@@ -154,8 +154,7 @@ def measure(
     logits_ranks = rank_users(model, data.eval_histories, data.eval_targets, max_len, batch)
     ranks = np.array([logits_ranks[u] for u in users])
     utility = utility_metrics(ranks, (10,))
-    evidence = probe.evidence(model)
-    scores = {attack: {**v["reference"], **v["forgotten"]} for attack, v in evidence.user_scores.items()}
+    scores, evidence = probe.measure(model)
     per_user = {
         "ndcg10": ndcg_at(ranks, 10),
         **{

@@ -46,6 +46,8 @@ def decide(utility: dict, leakage: dict, settings: GateSettings) -> GateDecision
         reasons.append("no leakage measurement: no forgotten user could be scored")
     reasons += [f"no leakage measurement for the {attack} attack" for attack in ATTACKS if attack not in tests]
     for attack, test in sorted(tests.items()):
+        if not test.get("applies", True):  # e.g. the per-user attacks on a batch of interaction requests only
+            continue
         p_holm = test.get("p_holm", float("nan"))
         if math.isnan(p_holm):
             reasons.append(f"{attack}: no p-value (nothing of the batch could be scored by it)")
@@ -59,5 +61,7 @@ def decide(utility: dict, leakage: dict, settings: GateSettings) -> GateDecision
 
 
 def worst_case_auc(aucs: dict[str, float]) -> float:
-    """The attack's AUC furthest from 0.5: one conservative figure for summaries."""
-    return max(aucs.values(), key=lambda value: abs(value - 0.5)) if aucs else float("nan")
+    """The attack's AUC furthest from 0.5: one conservative figure for summaries (attacks that did not apply,
+    NaN, left out)."""
+    values = [value for value in aucs.values() if not math.isnan(value)]
+    return max(values, key=lambda value: abs(value - 0.5)) if values else float("nan")

@@ -5,7 +5,12 @@ under a model that never saw them. Each attack gives a test of H0 with a known n
 
 - `loss`, `mink`, `minkpp`: one score per user. The forgotten users' scores against the non-members' by the
   Mann-Whitney U test (exact for small samples, scipy). AUC = U / (n_f n_r). With one or two users these
-  tests cannot reject at any effect size: their minimum detectable AUC (`mde`) says so.
+  tests cannot reject at any effect size: their minimum detectable AUC (`mde`) says so. They score only users
+  forgotten whole: a non-member's whole sequence is what a model that never saw such a user would match. A
+  user with some interactions forgotten keeps the rest trained, so under H0 their forgotten positions still
+  sit in trained contexts, and on retrained models these attacks put them at AUC 0.61-0.69 against
+  non-members (results/calibration.md, 2026-12-06): no matched reference, so they do not apply to that user.
+  When a batch has no user forgotten whole they do not apply at all (`applies` False, outside Holm's family).
 - `item_rank`: one figure per scored position. Each forgotten position's log p(item) is ranked among the
   non-members' positions on the same item, so the item's popularity drops out and, under H0, the position's
   mid-rank percentile is uniform with a known variance. A batch's statistic is the mean percentile (an AUC
@@ -33,6 +38,9 @@ from scipy import stats
 
 USER_ATTACKS = ("loss", "mink", "minkpp")
 ATTACKS = (*USER_ATTACKS, "item_rank")
+# What the test is, for the fingerprints of long runs that record its verdicts (calibration, benchmark rows):
+# a change to the test's definition must not be mixed into one result with rows under the old one.
+TEST_VERSION = "2026-12-06.2: user attacks on whole users only; item_rank on same-item non-member positions"
 
 
 @dataclass(frozen=True)
@@ -47,7 +55,8 @@ class AttackTest:
     n_forgotten: int  # users (user-level attacks) or scored positions with a reference (item_rank)
     n_reference: int  # non-member users, or non-member positions on the forgotten positions' items
     mde: float | None  # the smallest AUC above 0.5 detected with the configured power; None: none is
-    p_holm: float = float("nan")  # Holm-adjusted across the batch's attacks
+    p_holm: float = float("nan")  # Holm-adjusted across the batch's attacks that apply
+    applies: bool = True  # False: the batch has nothing this attack can score against a matched reference
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -238,19 +247,22 @@ class LeakageEvidence:
 
     @property
     def leak(self) -> bool:
-        """H0 rejected by some attack (a NaN p-value is no evidence of forgetting, so it counts as a leak)."""
-        return any(not test.p_holm > self.alpha for test in self.tests.values())
+        """H0 rejected by some attack that applies (a NaN p-value is no evidence of forgetting, so it counts as
+        a leak)."""
+        return any(not test.p_holm > self.alpha for test in self.tests.values() if test.applies)
 
     def worst_z(self) -> float:
         """The largest |z| among the attacks: how far, in its own noise, the furthest attack is from H0."""
-        values = [abs(t.z) for t in self.tests.values() if not math.isnan(t.z)]
+        values = [abs(t.z) for t in self.tests.values() if t.applies and not math.isnan(t.z)]
         return max(values) if values else float("inf")
 
     def aucs(self) -> dict[str, float]:
-        return {attack: test.auc for attack, test in self.tests.items()}
+        """Each attack that applies: its AUC."""
+        return {attack: test.auc for attack, test in self.tests.items() if test.applies}
 
     def z(self) -> dict[str, float]:
-        return {attack: test.z for attack, test in self.tests.items()}
+        """Each attack that applies: its z (what the stopping rule reads)."""
+        return {attack: test.z for attack, test in self.tests.items() if test.applies}
 
     def as_dict(self) -> dict:
         return {
@@ -264,28 +276,35 @@ class LeakageEvidence:
 
 def leakage_evidence(
     user_scores: dict[str, dict[int, float]],
-    forgotten_users: list[int],
+    whole_users: list[int],
     reference_users: list[int],
     forgotten_positions: Positions,
     reference_positions: Positions,
     alpha: float,
     power: float,
 ) -> LeakageEvidence:
-    """Run every attack's test at the per-attack level Holm gives the smallest p-value (alpha / #attacks, for
-    the `mde`) and adjust the p-values together."""
-    each = alpha / len(ATTACKS)
+    """Run every attack that applies at the per-attack level Holm gives the smallest p-value (alpha / #attacks
+    that apply, for the `mde`) and adjust their p-values together. `whole_users`: the forgotten users whose
+    every interaction is forgotten, the only ones the per-user attacks score; item_rank scores every forgotten
+    position."""
+    applying = len(ATTACKS) if whole_users else 1
+    each = alpha / applying
     tests, per_user = {}, {}
     for attack in USER_ATTACKS:
         scores = user_scores[attack]
-        forgotten = {u: scores[u] for u in forgotten_users if u in scores}
+        forgotten = {u: scores[u] for u in whole_users if u in scores}
         reference = {u: scores[u] for u in reference_users if u in scores}
-        tests[attack] = user_level_test(
+        test = user_level_test(
             attack, np.array(list(forgotten.values())), np.array(list(reference.values())), each, power
         )
+        tests[attack] = test if whole_users else AttackTest(**{**test.as_dict(), "applies": False})
         per_user[attack] = {"forgotten": forgotten, "reference": reference}
     ranked = item_rank_test(forgotten_positions, reference_positions, each, power)
     tests["item_rank"] = ranked.test
     per_user["item_rank"] = {"forgotten": ranked.forgotten_users, "reference": ranked.reference_users}
-    adjusted = holm({attack: test.p_value for attack, test in tests.items()})
-    tests = {attack: AttackTest(**{**test.as_dict(), "p_holm": adjusted[attack]}) for attack, test in tests.items()}
+    adjusted = holm({attack: test.p_value for attack, test in tests.items() if test.applies})
+    tests = {
+        attack: AttackTest(**{**test.as_dict(), "p_holm": adjusted.get(attack, float("nan"))})
+        for attack, test in tests.items()
+    }
     return LeakageEvidence(tests, alpha, ranked.design_effect, per_user, ranked.forgotten_user_z)

@@ -30,7 +30,6 @@ import getpass
 import hashlib
 import json
 import logging
-import math
 import os
 import socket
 import time
@@ -45,6 +44,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
+from pipeline.jsonsafe import plain_numbers
 from pipeline.pii import pii_key, user_key
 from pipeline.requests import DeletionRequest, Rejection
 
@@ -113,17 +113,6 @@ CHAIN_LOCK = 7417384502  # PostgreSQL: writers append to the chain one at a time
 def _canonical(value):
     if isinstance(value, datetime):  # SQLite hands back naive datetimes; every time stored is UTC
         return (value if value.tzinfo else value.replace(tzinfo=UTC)).astimezone(UTC).isoformat(timespec="microseconds")
-    return value
-
-
-def plain_numbers(value):
-    """JSON-safe evidence: NaN and infinities become None (PostgreSQL's JSON has no NaN)."""
-    if isinstance(value, dict):
-        return {str(k): plain_numbers(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [plain_numbers(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
     return value
 
 

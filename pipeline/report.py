@@ -98,12 +98,14 @@ def render_html(summary: dict, plot_name: str | None) -> str:
         if not leakage:
             return "not measured"
         return "; ".join(
+            f"{attack}: does not apply (no user forgotten whole: no matched reference)"
+            if not t.get("applies", True) else
             f"{attack}: p={t['p_value']:.3g} (Holm {t['p_holm']:.3g}), n={t['n_forgotten']} vs {t['n_reference']}, "
             f"detects AUC>={t['mde']:.3f}" if t["mde"] is not None else
             f"{attack}: p={t['p_value']:.3g} (Holm {t['p_holm']:.3g}), n={t['n_forgotten']} vs {t['n_reference']}, "
             "no power at this size"
             for attack, t in leakage["tests"].items()
-        ) + f" (alpha {leakage['alpha']}, Holm)"  # fmt: skip
+        ) + f" (alpha {leakage['alpha']}, Holm over the attacks that apply)"  # fmt: skip
 
     utility = summary.get("utility_test") or {}
     rows = [

@@ -54,6 +54,11 @@ class UnlearningData:
         return sorted(self.forget_sequences)
 
     @property
+    def whole_users(self) -> list[int]:
+        """Forgotten users none of whose training interactions is kept: the per-user attacks' subjects."""
+        return sorted(user for user, scored in self.forget_scored.items() if all(scored))
+
+    @property
     def non_members(self) -> list[int]:
         return sorted(self.non_member_sequences)
 

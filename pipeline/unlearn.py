@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -83,16 +84,22 @@ class LeakageProbe:
         self.forget_windows = make_windows(data.forget_sequences, max_len, data.forget_scored)
         self.non_member_windows = make_windows(data.non_member_sequences, max_len)
         self.forgotten, self.non_members = data.forgotten_users, data.non_members
+        self.whole = data.whole_users  # what the per-user attacks score (pipeline.leakage)
 
     def evidence(self, model: LlamaForCausalLM) -> LeakageEvidence:
+        return self.measure(model)[1]
+
+    def measure(self, model: LlamaForCausalLM) -> tuple[dict[str, dict[int, float]], LeakageEvidence]:
+        """Every forgotten user's and non-member's per-user attack scores (the benchmark compares them with
+        retrain's on the same users, partly forgotten users included), and the gate's evidence."""
         batch_size, fraction = self.settings.eval.attack_batch_size, self.settings.eval.mink_fraction
         forgotten = position_stats(model, self.forget_windows, batch_size)
         strangers = position_stats(model, self.non_member_windows, batch_size)
         forgotten_scores, stranger_scores = attack_scores(forgotten, fraction), attack_scores(strangers, fraction)
         scores = {attack: {**stranger_scores[attack], **forgotten_scores[attack]} for attack in USER_ATTACKS}
-        return leakage_evidence(
+        return scores, leakage_evidence(
             scores,
-            self.forgotten,
+            self.whole,
             self.non_members,
             Positions(forgotten.users, forgotten.items, forgotten.log_prob),
             Positions(strangers.users, strangers.items, strangers.log_prob),
@@ -107,8 +114,8 @@ class LeakageProbe:
         evidence = self.evidence(model)
         scores = {attack: {**v["reference"], **v["forgotten"]} for attack, v in evidence.user_scores.items()}
         intervals = membership_auc(
-            {a: scores[a] for a in USER_ATTACKS},
-            self.forgotten,
+            {a: scores[a] for a in USER_ATTACKS if evidence.tests[a].applies},
+            self.whole,
             self.non_members,
             config.bootstrap_samples,
             config.confidence,
@@ -261,8 +268,19 @@ class UnlearningMethod:
         # how far the furthest attack is from the strangers' centre, in that attack's own null noise
         distance = evidence.worst_z()
         best = (distance, 0, evidence.aucs(), copy.deepcopy(model.state_dict()))
-        if distance <= tolerance:
-            return UnlearnResult(0, "already at the strangers' centre before any update", 0, evidence.aucs(), history)
+        # Starting within the tolerance is no evidence of forgetting: the model trained on these rows, and a
+        # batch this small (an interaction request of a few items) cannot show it. The target is then the
+        # centre itself: every attack at or below it, and the model it started from is never kept.
+        no_evidence = distance <= tolerance
+        if no_evidence and highest_z(evidence) <= 0:
+            return UnlearnResult(0, "already at or below the strangers' centre before any update", 0, evidence.aucs(),
+                                 history)  # fmt: skip
+        if no_evidence:
+            best = (float("inf"), *best[1:])
+
+        def arrived(evidence: LeakageEvidence) -> bool:
+            return highest_z(evidence) <= 0 if no_evidence else evidence.worst_z() <= tolerance
+
         # Where to go back to when a check overshoots: the last one with no attack below the tolerance, with
         # the optimiser's state and the trajectory's length (`done`, which the warm-up reads) at that point.
         before_band = (0, copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()))
@@ -302,8 +320,13 @@ class UnlearningMethod:
                 best, stale = (distance, step, evidence.aucs(), weights), 0
             else:
                 stale += 1
-            if distance <= tolerance:
-                stopped = "at the strangers' centre: every attack within the tolerance"
+            if arrived(evidence):
+                stopped = (
+                    "at the strangers' centre: every attack at or below it (it started within the tolerance, where "
+                    "the test has no evidence either way)"
+                    if no_evidence
+                    else "at the strangers' centre: every attack within the tolerance"
+                )
                 break
             if none_below:
                 before_band = (done, weights, copy.deepcopy(optimizer.state_dict()))
@@ -331,6 +354,11 @@ class UnlearningMethod:
         model.eval()
         log.info("%s stopped after %d steps (%s); kept step %d", self.name, step, stopped, best[1])
         return UnlearnResult(step, stopped, best[1], best[2], history)
+
+
+def highest_z(evidence: LeakageEvidence) -> float:
+    """The attack furthest on the members' side (signed z; NaN left out, none: +inf)."""
+    return max((z for z in evidence.z().values() if not math.isnan(z)), default=float("inf"))
 
 
 def check_row(step: int, loss: float | None, scale: float, evidence: LeakageEvidence) -> dict:

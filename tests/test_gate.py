@@ -64,3 +64,13 @@ def test_no_measurement_rejects():
     assert not decide(utility(1.0), {}, GATE).passed
     assert not decide(None, leakage(), GATE).passed
     assert not decide(utility(float("nan")), leakage(), GATE).passed
+
+
+def test_an_attack_that_does_not_apply_neither_passes_nor_rejects_but_item_rank_still_must():
+    evidence = leakage()
+    for attack in ("loss", "mink", "minkpp"):
+        evidence["tests"][attack] = {"auc": float("nan"), "p_value": float("nan"), "p_holm": float("nan"),
+                                     "applies": False}  # fmt: skip
+    assert decide(utility(1.0), evidence, GATE).passed
+    evidence["tests"]["item_rank"] = {**evidence["tests"]["item_rank"], "p_holm": float("nan")}
+    assert not decide(utility(1.0), evidence, GATE).passed

@@ -19,7 +19,7 @@ def test_user_scope_forgets_everything_of_that_user(snapshot):
     assert set(split[split.user_id == user].role) == {"forget"}
     assert set(split[split.user_id != user].role) == {"retain", "non_member"}
     data = unlearning_data(snapshot, split)
-    assert data.forgotten_users == [int(user)]
+    assert data.forgotten_users == data.whole_users == [int(user)]
     assert all(data.forget_scored[int(user)])
     assert int(user) not in data.retain_sequences and int(user) not in data.eval_targets
     assert len(data.non_members) == len(snapshot.non_members)
@@ -38,6 +38,7 @@ def test_interaction_scope_forgets_only_the_listed_items(snapshot):
     assert len(data.forget_sequences[user]) == len(train_items)
     assert len(data.retain_sequences[user]) == len(train_items) - 3
     assert user in data.eval_targets  # the user stays: only three interactions go
+    assert data.forgotten_users == [user] and data.whole_users == []  # not for the per-user attacks
 
 
 def test_a_non_member_asking_to_be_forgotten_leaves_the_reference(snapshot):
