@@ -137,18 +137,22 @@ def prepare_snapshot(
     interactions = frame[["user_id", "item_id", "rating", "timestamp", "position", "split", "member"]]
     manifest = {
         "content_hash": content_hash(interactions),
-        "counts": {
-            "users": int(len(users)),
-            "members": int(len(users) - n_non_members),
-            "non_members": int(n_non_members),
-            "items": int(len(items)),
-            "interactions": int(len(interactions)),
-            **{split: int((interactions.split == split).sum()) for split in SPLITS},
-        },
+        "counts": {"items": int(len(items)), **interaction_counts(interactions)},
         "params": settings.model_dump(),
         "seed": seed,
     }
     return Snapshot(interactions=interactions, items=items.reset_index(drop=True), manifest=manifest)
+
+
+def interaction_counts(interactions: pd.DataFrame) -> dict[str, int]:
+    """A snapshot manifest's counts of people and rows (an erasure recomputes these; the catalogue stays)."""
+    return {
+        "users": int(interactions.user_id.nunique()),
+        "members": int(interactions.loc[interactions.member, "user_id"].nunique()),
+        "non_members": int(interactions.loc[~interactions.member, "user_id"].nunique()),
+        "interactions": len(interactions),
+        **{split: int((interactions.split == split).sum()) for split in SPLITS},
+    }
 
 
 def write_snapshot(snapshot: Snapshot, directory: Path) -> None:

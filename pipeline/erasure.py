@@ -46,7 +46,7 @@ def purge_table(path: Path, users: set[str], pairs: dict[str, set[int]], now: st
     """Drop the honored rows from one Parquet table with user_id and item_id columns; the rows dropped."""
     import pandas as pd  # here, not at import: every step imports this module for ErasureFailed
 
-    from pipeline.data import content_hash, drop_forgotten
+    from pipeline.data import content_hash, drop_forgotten, interaction_counts
 
     frame = pd.read_parquet(path)
     if not {"user_id", "item_id"} <= set(frame.columns):
@@ -69,21 +69,10 @@ def purge_table(path: Path, users: set[str], pairs: dict[str, set[int]], now: st
             {"at": now, "rows": dropped, "from_hash": manifest["content_hash"], "to_hash": new_hash},
         ]
         manifest["content_hash"] = new_hash
-        manifest["counts"] = {**manifest.get("counts", {}), **snapshot_counts(kept)}
+        manifest["counts"] = {**manifest.get("counts", {}), **interaction_counts(kept)}
         manifest.pop("excluded", None)
         _replace(manifest_path, lambda target: target.write_text(json.dumps(manifest, indent=2)))
     return dropped
-
-
-def snapshot_counts(interactions) -> dict[str, int]:
-    """A snapshot manifest's counts that an erasure changes (the item catalogue stays as it was)."""
-    counts = {
-        "users": int(interactions.user_id.nunique()),
-        "members": int(interactions.loc[interactions.member, "user_id"].nunique()),
-        "non_members": int(interactions.loc[~interactions.member, "user_id"].nunique()),
-        "interactions": len(interactions),
-    }
-    return {**counts, **{split: int((interactions.split == split).sum()) for split in ("train", "val", "test")}}
 
 
 def purge_claimed(path: Path, users: set[str], pairs: dict[str, set[int]]) -> int:
