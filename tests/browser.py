@@ -3,9 +3,11 @@ uncaught exceptions and images, as the browser saw them."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -33,7 +35,9 @@ def chromium() -> str:
 
 def open_page(page: Path, timeout: float = 60.0) -> dict:
     """Load `page` and report {"errors": [...], "images": n, "images_loaded": n, "title": ...}."""
-    with tempfile.TemporaryDirectory() as profile:
+    # Chromium's helpers (zygote, renderer, crashpad) run in its session and may still write to the profile
+    # while it is removed: the whole group is stopped first, and a file a late helper left is not a failure.
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         process = subprocess.Popen(
             [chromium(), *FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0", "about:blank"],
             stdout=subprocess.DEVNULL,
@@ -43,11 +47,18 @@ def open_page(page: Path, timeout: float = 60.0) -> dict:
         try:
             return _drive(Path(profile), page.resolve().as_uri(), time.monotonic() + timeout)
         finally:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
+            _stop_group(process)
+
+
+def _stop_group(process: subprocess.Popen) -> None:
+    """SIGTERM to the browser's whole session (its own process group), then SIGKILL what is left after 10 s."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(10)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(10)
 
 
 def _drive(profile: Path, url: str, deadline: float) -> dict:
