@@ -30,7 +30,7 @@ def honor(home: Home, settings, snapshot, requests: list[dict]) -> None:
 
 
 def test_a_retrain_after_a_deletion_never_sees_what_was_forgotten(tmp_path, monkeypatch):
-    params = write_params(tmp_path / "params.yaml")
+    params = write_params(tmp_path / "params.yaml", **{"train.epochs": 1})  # what it is fitted on is the point
     settings, home = load_settings(params), Home(tmp_path / "home")
     common = ["--params", str(params), "--home", str(home.root)]
     prepare.main(common)
