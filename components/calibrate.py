@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from components.bench import base_provenance
 from components.train import ensure_base_model
 from pipeline.bench import Setting, deletion_requests, run_method
 from pipeline.data import read_snapshot
+from pipeline.jsonsafe import plain_numbers
 from pipeline.leakage import ATTACKS, TEST_VERSION
 from pipeline.model import load_model, resolve_device
 from pipeline.progress import RowLog
@@ -188,6 +190,9 @@ def summarise(rows: list[dict], settings) -> dict:
 
 
 def markdown(summary: dict) -> str:
+    def figure(value) -> str:  # n/a: LOSS does not apply to a batch with no user forgotten whole
+        return "n/a" if value is None or math.isnan(value) else f"{value:.3f}"
+
     def rate(entry: dict) -> str:
         if entry["rate"] is None:
             return "none"
@@ -222,15 +227,19 @@ def markdown(summary: dict) -> str:
         "![calibration](calibration.png)",
         "",
         f"The stopping rule on small batches (unlearned from the base with the nightly's settings; tolerance "
-        f"|z| <= {summary['tolerance_z']}): item_rank's z and AUC before any update and at the kept checkpoint.",
+        f"|z| <= {summary['tolerance_z']}): item_rank's z and AUC before any update and at the kept checkpoint. "
+        "Target: `tolerance` where the test saw the untouched model's memory (every attack to within the "
+        "tolerance); `centre` where it did not (no evidence either way: every attack to or below the centre).",
         "",
-        "| seed | batch | positions | z before | AUC before | z kept | AUC kept | LOSS AUC kept | kept step / steps "
-        "| gate |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| seed | batch | positions | z before | AUC before | target | z kept | AUC kept | LOSS AUC kept "
+        "| kept step / steps | gate |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         *(
             f"| {r['seed']} | {r['batch']} | {r['positions']} | {r['z_before_item_rank']:.1f} | "
-            f"{r['auc_before_item_rank']:.3f} | {r['z_after_item_rank']:.2f} | {r['auc_after_item_rank']:.3f} | "
-            f"{r['auc_after_loss']:.3f} | {r['best_step']} / {r['steps']} | {'leak' if r['leak_after'] else 'pass'} |"
+            f"{r['auc_before_item_rank']:.3f} | {'centre' if 'centre itself' in r['stopped'] else 'tolerance'} | "
+            f"{r['z_after_item_rank']:.2f} | {r['auc_after_item_rank']:.3f} | "
+            f"{figure(r['auc_after_loss'])} | {r['best_step']} / {r['steps']} | "
+            f"{'leak' if r['leak_after'] else 'pass'} |"
             for r in summary["stopping"]
         ),
         "",
@@ -295,7 +304,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  passed {sum(not r['leak'] for r in null)} of {len(null)} on the retrained model", flush=True)
     rows = [row for key, _, _ in units for row in log.done[key]["rows"]]
     summary = summarise(rows, settings)
-    (args.out / "calibration.json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=2))
+    (args.out / "calibration.json").write_text(json.dumps(plain_numbers({"summary": summary, "rows": rows}), indent=2))
     (args.out / "calibration.md").write_text(markdown(summary))
     plot(rows, summary, args.out / "calibration.png")
     print(markdown(summary))

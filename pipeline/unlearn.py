@@ -268,10 +268,11 @@ class UnlearningMethod:
         # how far the furthest attack is from the strangers' centre, in that attack's own null noise
         distance = evidence.worst_z()
         best = (distance, 0, evidence.aucs(), copy.deepcopy(model.state_dict()))
-        # Starting within the tolerance is no evidence of forgetting: the model trained on these rows, and a
-        # batch this small (an interaction request of a few items) cannot show it. The target is then the
-        # centre itself: every attack at or below it, and the model it started from is never kept.
-        no_evidence = distance <= tolerance
+        # Where the untouched model already passes the gate's test, or sits within the tolerance, that is no
+        # evidence of forgetting: the model trained on these rows, and a batch this small (a user or two, an
+        # interaction request of a few items) cannot show it. The target is then the centre itself: every attack
+        # at or below it, and the model it started from is never kept.
+        no_evidence = not evidence.leak or distance <= tolerance
         if no_evidence and highest_z(evidence) <= 0:
             return UnlearnResult(0, "already at or below the strangers' centre before any update", 0, evidence.aucs(),
                                  history)  # fmt: skip
@@ -322,8 +323,8 @@ class UnlearningMethod:
                 stale += 1
             if arrived(evidence):
                 stopped = (
-                    "at the strangers' centre: every attack at or below it (it started within the tolerance, where "
-                    "the test has no evidence either way)"
+                    "at the strangers' centre: every attack at or below it (before any update the test had no "
+                    "evidence of the model's memory, so the centre itself was the target)"
                     if no_evidence
                     else "at the strangers' centre: every attack within the tolerance"
                 )

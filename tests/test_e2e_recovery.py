@@ -47,7 +47,13 @@ def test_a_night_killed_at_every_step_boundary_loses_nothing_and_honors_nothing_
     def night(number: int, crash_at: str | None):
         request_ids.append(f"night-{number}")
         log = tmp_path / f"night-{number}.jsonl"
-        log.write_text(request_line(request_ids[-1], users[number - 1]))
+        user = users[number - 1]
+        if crash_at == "report":  # a batch of one interaction request: only item_rank applies, to the report
+            frame = snapshot.interactions
+            items = frame[(frame.user_id == user) & (frame.split == "train")].item_id.head(3)
+            log.write_text(request_line(request_ids[-1], user, scope="interactions", items=items))
+        else:
+            log.write_text(request_line(request_ids[-1], user))
         extra = {"LETHE_TEST_CRASH_AT": crash_at} if crash_at else {}
         return lethe(home, params, "nightly", "--deletion-log", str(log), "--batch-id", f"n{number}", **extra)
 
@@ -65,6 +71,9 @@ def test_a_night_killed_at_every_step_boundary_loses_nothing_and_honors_nothing_
             assert not in_other_batches, (boundary, in_other_batches)
             if BOUNDARIES[number - 2][0] != "ingest":  # a night killed after its claim held requests: settled now
                 assert f"n{number - 1}" in claim["recovered"], (boundary, claim["recovered"])
+        if boundary == "report":  # the per-user attacks had no whole user to score: outside the test, not NaN
+            tests = json.loads((batch / "evaluate.json").read_text())["after"]["leakage"]["tests"]
+            assert [attack for attack, test in tests.items() if test["applies"]] == ["item_rank"], tests
         if boundary == "gate.promoted":  # the dangerous window: promoted in the registry, not yet in the ledger
             version = client(home).get_model_version("lethe-recommender", max(promoted_lineage(home), key=int))
             assert version.tags["lethe.batch_id"] == f"n{number}" and version.tags["gate"] == "passed"
