@@ -39,7 +39,7 @@ from pipeline.leakage import ATTACKS, TEST_VERSION
 from pipeline.model import load_model, resolve_device
 from pipeline.progress import RowLog
 from pipeline.splits import build_split, unlearning_data
-from pipeline.unlearn import LeakageProbe, run_unlearning
+from pipeline.unlearn import CENTRE_TARGET, LeakageProbe, run_unlearning
 
 ROWS = "calibration_rows.jsonl"
 
@@ -236,7 +236,7 @@ def markdown(summary: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
         *(
             f"| {r['seed']} | {r['batch']} | {r['positions']} | {r['z_before_item_rank']:.1f} | "
-            f"{r['auc_before_item_rank']:.3f} | {'centre' if 'centre itself' in r['stopped'] else 'tolerance'} | "
+            f"{r['auc_before_item_rank']:.3f} | {'centre' if CENTRE_TARGET in r['stopped'] else 'tolerance'} | "
             f"{r['z_after_item_rank']:.2f} | {r['auc_after_item_rank']:.3f} | "
             f"{figure(r['auc_after_loss'])} | {r['best_step']} / {r['steps']} | "
             f"{'leak' if r['leak_after'] else 'pass'} |"

@@ -49,6 +49,8 @@ from pipeline.splits import UnlearningData
 log = logging.getLogger(__name__)
 
 METHODS: dict[str, type[UnlearningMethod]] = {}
+# How a loop that started without evidence of the model's memory says it ended (lethe calibrate reads it)
+CENTRE_TARGET = "the centre itself was the target"
 EMBEDDING = "model.embed_tokens.weight"  # the tied item embedding, which is also the item head
 
 
@@ -111,8 +113,7 @@ class LeakageProbe:
         """The evidence, each user-level AUC with a bootstrap interval over users, and the per-user scores
         (values only, no user id) that the report's histograms draw."""
         config = self.settings.eval
-        evidence = self.evidence(model)
-        scores = {attack: {**v["reference"], **v["forgotten"]} for attack, v in evidence.user_scores.items()}
+        scores, evidence = self.measure(model)
         intervals = membership_auc(
             {a: scores[a] for a in USER_ATTACKS if evidence.tests[a].applies},
             self.whole,
@@ -267,7 +268,6 @@ class UnlearningMethod:
         history = [check_row(0, None, 1.0, evidence)]
         # how far the furthest attack is from the strangers' centre, in that attack's own null noise
         distance = evidence.worst_z()
-        best = (distance, 0, evidence.aucs(), copy.deepcopy(model.state_dict()))
         # Where the untouched model already passes the gate's test, or sits within the tolerance, that is no
         # evidence of forgetting: the model trained on these rows, and a batch this small (a user or two, an
         # interaction request of a few items) cannot show it. The target is then the centre itself: every attack
@@ -276,8 +276,7 @@ class UnlearningMethod:
         if no_evidence and highest_z(evidence) <= 0:
             return UnlearnResult(0, "already at or below the strangers' centre before any update", 0, evidence.aucs(),
                                  history)  # fmt: skip
-        if no_evidence:
-            best = (float("inf"), *best[1:])
+        best = (float("inf") if no_evidence else distance, 0, evidence.aucs(), copy.deepcopy(model.state_dict()))
 
         def arrived(evidence: LeakageEvidence) -> bool:
             return highest_z(evidence) <= 0 if no_evidence else evidence.worst_z() <= tolerance
@@ -324,7 +323,7 @@ class UnlearningMethod:
             if arrived(evidence):
                 stopped = (
                     "at the strangers' centre: every attack at or below it (before any update the test had no "
-                    "evidence of the model's memory, so the centre itself was the target)"
+                    f"evidence of the model's memory, so {CENTRE_TARGET})"
                     if no_evidence
                     else "at the strangers' centre: every attack within the tolerance"
                 )

@@ -27,8 +27,10 @@ MODEL = "lethe-recommender"
 # Verdicts forced by params, so that a test knows what it must find: a non-inferiority margin of 99% and a
 # leakage level of 1e-300 (a leak only at |z| > 37) pass any candidate that ranks at all.
 PASS = {"gate.max_ndcg_drop": 0.99, "gate.alpha": 1e-300}
-# A cheap night for tests about what survives a kill or a lost server, not about how well the model forgets.
-CHEAP = {**PASS, "unlearn.max_steps": 4, "eval.bootstrap_samples": 100, "circuits.retain_windows": 64}
+# A short night, whatever its verdict, and a cheap one (short, forced to pass) for tests about what survives a
+# kill or a lost server, not about how well the model forgets.
+SHORT = {"unlearn.max_steps": 4, "eval.bootstrap_samples": 100, "circuits.retain_windows": 64}
+CHEAP = {**PASS, **SHORT}
 LETHE = str(Path(sys.executable).with_name("lethe"))
 
 

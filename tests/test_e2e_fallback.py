@@ -20,9 +20,9 @@ import pytest
 from pipeline.data import content_hash, read_snapshot
 from tests.conftest import REPO, write_params
 from tests.e2e import (
-    CHEAP,
     MODEL,
     PASS,
+    SHORT,
     check_books,
     client,
     environment,
@@ -35,9 +35,10 @@ from tests.e2e import (
 
 pytestmark = pytest.mark.e2e
 REJECT = {"unlearn.max_steps": 1}  # one warm-up step leaves item_rank far above the strangers (gate: p << alpha)
-# A cheap night (tests.e2e.CHEAP, the gate forced to pass): what this file checks is the books and what each
-# step read, not how well a night forgets (tests/test_e2e.py). One rejected night is enough for a retrain.
-COMMON = {**{k: v for k, v in CHEAP.items() if k not in PASS}, "ledger.max_failed_nights": 1}
+# A short night (tests.e2e.SHORT; the verdict is forced by PASS or REJECT): what this file checks is the books
+# and what each step read, not how well a night forgets (tests/test_e2e.py). One rejected night is enough for a
+# retrain.
+COMMON = {**SHORT, "ledger.max_failed_nights": 1}
 
 
 def without(frame, users) -> str:
