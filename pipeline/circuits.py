@@ -20,15 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import LlamaForCausalLM
 
-from pipeline.model import IGNORE, Windows, precision, window_loss
+from pipeline.model import IGNORE, Recommender, Windows, precision, window_loss
 from pipeline.settings import CircuitSettings
 
 GROUPS = ("forget_specific", "retain_specific", "shared", "inert")
 
 
-def _sites(model: LlamaForCausalLM, items: bool = False) -> dict[str, torch.nn.Module]:
+def _sites(model: Recommender, items: bool = False) -> dict[str, torch.nn.Module]:
     """Where each kind of unit lives. Heads and neurons are the inputs of o_proj and down_proj; item units
     (with `items`) are the outputs of the (tied) item head: one logit per item token, so a unit is an item's
     embedding row, which is where a next-item model keeps most of what it knows about one item."""
@@ -41,7 +40,7 @@ def _sites(model: LlamaForCausalLM, items: bool = False) -> dict[str, torch.nn.M
     return sites
 
 
-def _per_unit(model: LlamaForCausalLM, site: str, values: torch.Tensor) -> torch.Tensor:
+def _per_unit(model: Recommender, site: str, values: torch.Tensor) -> torch.Tensor:
     """(..., features) -> (..., units): heads sum their head_dim slice, neurons and items are already units."""
     if not site.endswith("heads"):
         return values
@@ -65,7 +64,7 @@ def _on_activation(
 
 
 @contextmanager
-def _capture(model: LlamaForCausalLM, items: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+def _capture(model: Recommender, items: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """Record each site's activation (a layer's input; the item head's output), still in the autograd graph."""
     captured: dict[str, torch.Tensor] = {}
 
@@ -84,7 +83,7 @@ def _capture(model: LlamaForCausalLM, items: bool = False) -> Iterator[dict[str,
 
 
 def attribution_scores(
-    model: LlamaForCausalLM, windows: Windows, batch_size: int, items: bool = False
+    model: Recommender, windows: Windows, batch_size: int, items: bool = False
 ) -> dict[str, torch.Tensor]:
     """Per site, a score per unit (head, neuron, and with `items` item) for the next-item loss on `windows`.
 
@@ -191,7 +190,7 @@ class Circuits:
 
 
 def extract_circuits(
-    model: LlamaForCausalLM,
+    model: Recommender,
     forget: Windows,
     retain: Windows,
     forget_fraction: float,
@@ -219,7 +218,7 @@ def retain_sample(retain: Windows, settings: CircuitSettings, seed: int) -> Wind
 
 
 def circuits_for(
-    model: LlamaForCausalLM,
+    model: Recommender,
     forget: Windows,
     retain: Windows,
     settings: CircuitSettings,
@@ -247,7 +246,7 @@ def jaccard(first: set, second: set) -> float:
 
 
 def site_means(
-    model: LlamaForCausalLM, windows: Windows, batch_size: int, items: bool = False
+    model: Recommender, windows: Windows, batch_size: int, items: bool = False
 ) -> dict[str, torch.Tensor]:
     """Mean activation per site over the scored positions (the value mean ablation writes in)."""
     sums: dict[str, torch.Tensor] = {}
@@ -265,7 +264,7 @@ def site_means(
 
 
 @contextmanager
-def mean_ablated(model: LlamaForCausalLM, units: set[tuple[str, int]], means: dict[str, torch.Tensor]):
+def mean_ablated(model: Recommender, units: set[tuple[str, int]], means: dict[str, torch.Tensor]):
     """Replace the chosen heads' slices, neurons' entries and items' logits by their mean activation."""
     handles = []
     for site, module in _sites(model, "items" in means).items():
@@ -294,7 +293,7 @@ def mean_ablated(model: LlamaForCausalLM, units: set[tuple[str, int]], means: di
 
 
 @torch.no_grad()
-def mean_loss(model: LlamaForCausalLM, windows: Windows, batch_size: int) -> float:
+def mean_loss(model: Recommender, windows: Windows, batch_size: int) -> float:
     total, count = 0.0, 0
     for batch in windows.batches(batch_size):
         positions = int((batch.labels != IGNORE).sum())
@@ -304,7 +303,7 @@ def mean_loss(model: LlamaForCausalLM, windows: Windows, batch_size: int) -> flo
 
 
 def faithfulness(
-    model: LlamaForCausalLM,
+    model: Recommender,
     partitions: Sequence[Circuits],
     forget: Windows,
     retain: Windows,

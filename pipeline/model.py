@@ -1,7 +1,8 @@
-"""The recommender: a causal Llama whose vocabulary holds one token per item.
+"""The recommender: a causal LM whose vocabulary holds one token per item (after PAD and BOS), item head tied.
 
 It reads a user's history and scores every item for the next position. Everything here is plain
-`transformers` + torch so that circuits can later hook the very same modules.
+`transformers` + torch so that circuits can later hook the very same modules. The transformer is the `tiny`
+Llama trained from scratch or a pretrained one (pipeline/backbones.py); nothing past `build_model` asks which.
 """
 
 from __future__ import annotations
@@ -14,14 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from pipeline.data import BOS_TOKEN, FIRST_ITEM_TOKEN, PAD_TOKEN
 from pipeline.recipe import META_FILE
 from pipeline.settings import DEVICES, ModelSettings
 
 IGNORE = -100
+# Any backbone's recommender: a transformers causal LM with the Llama family's modules (pipeline/backbones.py)
+Recommender = PreTrainedModel
 
 
 def resolve_device(choice: str = "auto") -> torch.device:
@@ -39,7 +43,7 @@ def resolve_device(choice: str = "auto") -> torch.device:
     return torch.device("cuda")
 
 
-def precision(model: LlamaForCausalLM) -> contextlib.AbstractContextManager:
+def precision(model: Recommender) -> contextlib.AbstractContextManager:
     """Mixed precision on CUDA (bf16 autocast; the weights and the optimiser stay fp32); full fp32 on the CPU,
     where the reference figures come from."""
     if model.device.type == "cuda":
@@ -47,7 +51,7 @@ def precision(model: LlamaForCausalLM) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def device_facts(model: LlamaForCausalLM) -> dict:
+def device_facts(model: Recommender) -> dict:
     """What a manifest records of where a step computed."""
     cuda = model.device.type == "cuda"
     return {"device": str(model.device), "precision": "bf16-autocast" if cuda else "fp32",
@@ -61,11 +65,17 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def build_model(n_tokens: int, settings: ModelSettings, seed: int) -> LlamaForCausalLM:
+def build_model(catalogue: pd.DataFrame, settings: ModelSettings, seed: int) -> Recommender:
+    """The untrained recommender for this item catalogue (item_id, title, genres in token order): `tiny` from a
+    seeded initialisation, a pretrained backbone from its weights with item rows from the titles."""
     seed_everything(seed)
+    if settings.backbone != "tiny":
+        from pipeline.backbones import build_pretrained
+
+        return build_pretrained(catalogue, settings, seed)
     tiny = settings.tiny
     config = LlamaConfig(
-        vocab_size=n_tokens,
+        vocab_size=FIRST_ITEM_TOKEN + len(catalogue),
         hidden_size=tiny.hidden_size,
         intermediate_size=tiny.intermediate_size,
         num_hidden_layers=tiny.num_hidden_layers,
@@ -81,18 +91,18 @@ def build_model(n_tokens: int, settings: ModelSettings, seed: int) -> LlamaForCa
     return LlamaForCausalLM(config)
 
 
-def save_model(model: LlamaForCausalLM, directory: Path, meta: dict) -> None:
+def save_model(model: Recommender, directory: Path, meta: dict) -> None:
     """Weights as safetensors (never pickle) plus a small JSON of where they came from."""
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory, safe_serialization=True)
     (directory / META_FILE).write_text(json.dumps(meta, indent=2))
 
 
-def load_model(directory: Path, device: torch.device | str = "cpu") -> tuple[LlamaForCausalLM, dict]:
+def load_model(directory: Path, device: torch.device | str = "cpu") -> tuple[Recommender, dict]:
     directory = Path(directory)
     if not (directory / "config.json").exists():
         raise FileNotFoundError(f"{directory}: no saved model here (config.json missing)")
-    model = LlamaForCausalLM.from_pretrained(directory).to(device)
+    model = AutoModelForCausalLM.from_pretrained(directory).to(device)
     model.eval()
     meta_path = directory / META_FILE
     return model, json.loads(meta_path.read_text()) if meta_path.exists() else {}
@@ -163,7 +173,7 @@ def make_windows(
     return Windows(torch.tensor(users), torch.tensor(inputs), torch.tensor(labels))
 
 
-def scored_logits(model: LlamaForCausalLM, windows: Windows, grad_rows: torch.Tensor | None = None) -> torch.Tensor:
+def scored_logits(model: Recommender, windows: Windows, grad_rows: torch.Tensor | None = None) -> torch.Tensor:
     """Logits at the scored positions only, shape (scored positions, vocabulary), in row-major order of
     (window, position). The item head over the whole vocabulary is most of a small model's cost, and padded
     or unscored positions need none of it.
@@ -187,14 +197,14 @@ def scored_labels(windows: Windows) -> torch.Tensor:
     return windows.labels[windows.labels != IGNORE]
 
 
-def window_loss(model: LlamaForCausalLM, windows: Windows, grad_rows: torch.Tensor | None = None) -> torch.Tensor:
+def window_loss(model: Recommender, windows: Windows, grad_rows: torch.Tensor | None = None) -> torch.Tensor:
     """Mean next-item cross-entropy over the scored positions of a batch of windows; `grad_rows` as in
     `scored_logits`."""
     windows = windows.to(model.device)
     return torch.nn.functional.cross_entropy(scored_logits(model, windows, grad_rows), scored_labels(windows))
 
 
-def window_nll(model: LlamaForCausalLM, windows: Windows, grad_rows: torch.Tensor | None = None) -> torch.Tensor:
+def window_nll(model: Recommender, windows: Windows, grad_rows: torch.Tensor | None = None) -> torch.Tensor:
     """Per window: mean next-item cross-entropy over its scored positions, shape (n,); `grad_rows` as in
     `scored_logits`."""
     windows = windows.to(model.device)
@@ -207,7 +217,7 @@ def window_nll(model: LlamaForCausalLM, windows: Windows, grad_rows: torch.Tenso
 
 @torch.no_grad()
 def next_item_logits(
-    model: LlamaForCausalLM, histories: list[list[int]], max_len: int, batch_size: int
+    model: Recommender, histories: list[list[int]], max_len: int, batch_size: int
 ) -> torch.Tensor:
     """Scores over item tokens (column j is token FIRST_ITEM_TOKEN + j) after each history."""
     model.eval()
@@ -239,7 +249,7 @@ class PositionStats:
 
 
 @torch.no_grad()
-def position_stats(model: LlamaForCausalLM, windows: Windows, batch_size: int) -> PositionStats:
+def position_stats(model: Recommender, windows: Windows, batch_size: int) -> PositionStats:
     """What the LOSS, Min-K% and Min-K%++ attacks need, in one forward pass per batch."""
     model.eval()
     users, items, log_probs, means, stds = [], [], [], [], []

@@ -12,10 +12,13 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 
-def progress(iterable: Iterable, desc: str, unit: str, enabled: bool = True) -> tqdm:
-    """Live in a terminal; in a log, one line every 30 s instead of one per update."""
+def progress(iterable: Iterable | None, desc: str, unit: str, enabled: bool = True, total: int | None = None) -> tqdm:
+    """Live in a terminal; in a log, one line every 30 s instead of one per update. Without an iterable, a bar of
+    `total` units that the caller moves with `update`."""
     interactive = sys.stderr.isatty()
-    return tqdm(iterable, desc=desc, unit=unit, disable=not enabled, mininterval=0.2 if interactive else 30.0)
+    return tqdm(
+        iterable, desc=desc, unit=unit, total=total, disable=not enabled, mininterval=0.2 if interactive else 30.0
+    )
 
 
 class RowLog:

@@ -45,10 +45,25 @@ class TinyBackbone(_Frozen):
         return self
 
 
+class HfBackbone(_Frozen):
+    path: str | None = None  # a local Hugging Face causal-LM directory (model.backbone hf)
+
+
 class ModelSettings(_Frozen):
-    backbone: Literal["tiny"]
+    backbone: Literal["tiny", "smollm2-135m", "hf"]
     max_len: int = Field(ge=4, le=2048)
+    layers: int | None = Field(default=None, ge=1)  # a pretrained backbone: keep only its first k layers
     tiny: TinyBackbone
+    hf: HfBackbone = HfBackbone()
+
+    @model_validator(mode="after")
+    def _hf_has_a_path(self) -> ModelSettings:
+        if self.backbone == "hf" and not self.hf.path:
+            raise ValueError("model.backbone hf needs model.hf.path: a local Hugging Face causal-LM directory")
+        if self.backbone == "tiny" and self.layers is not None:
+            raise ValueError("model.layers keeps the first k layers of a pretrained backbone; tiny sets its own "
+                             "(model.tiny.num_hidden_layers)")
+        return self
 
 
 class TrainSettings(_Frozen):
@@ -331,8 +346,21 @@ def default_params_path() -> Path:
     return Path(os.environ.get("LETHE_PARAMS", "params.yaml")).resolve()
 
 
-def load_settings(path: str | Path | None = None) -> Settings:
-    path = Path(path) if path is not None else default_params_path()
+def _merged(base: dict, overlay: dict) -> dict:
+    """`overlay` laid over `base`, mapping by mapping; any other value (a list too) replaces the base's."""
+    merged = dict(base)
+    for key, value in overlay.items():
+        nested = isinstance(value, dict) and isinstance(base.get(key), dict)
+        merged[key] = _merged(base[key], value) if nested else value
+    return merged
+
+
+def read_params(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A params file as a mapping. `extends: OTHER.yaml` (relative to this file) makes it an overlay: only the keys
+    it names differ from OTHER's, e.g. params.smollm2.yaml for the pretrained backbone."""
+    path = path.resolve()
+    if path in seen:
+        raise SettingsError(f"{path}: `extends` loops back to itself ({' -> '.join(map(str, (*seen, path)))})")
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
@@ -341,6 +369,17 @@ def load_settings(path: str | Path | None = None) -> Settings:
         raise SettingsError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(raw, dict):
         raise SettingsError(f"{path}: expected a mapping at the top level")
+    base = raw.pop("extends", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise SettingsError(f"{path}: `extends` must name one params file, got {base!r}")
+    return _merged(read_params(path.parent / base, (*seen, path)), raw)
+
+
+def load_settings(path: str | Path | None = None) -> Settings:
+    path = Path(path) if path is not None else default_params_path()
+    raw = read_params(path)
     try:
         return Settings.model_validate(raw)
     except ValidationError as error:

@@ -10,7 +10,7 @@ completeness are properties of a single column, easy to check and to audit.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -48,6 +48,8 @@ class UnlearningData:
     eval_targets: dict[int, int]  # retained users' test item
     val_histories: dict[int, list[int]]  # retained users: train without forgotten items (for retraining)
     val_targets: dict[int, int]  # retained users' validation item
+    # the snapshot's items in token order: what a retrain builds its vocabulary (and a pretrained one its rows) from
+    catalogue: pd.DataFrame = field(compare=False, repr=False)
 
     @property
     def forgotten_users(self) -> list[int]:
@@ -91,4 +93,5 @@ def unlearning_data(snapshot: Snapshot, split: pd.DataFrame) -> UnlearningData:
         eval_targets={int(u): token[int(i)] for u, i in zip(tests.user_id, tests.item_id, strict=True)},
         val_histories=_sequences(kept[kept.split == "train"], token),
         val_targets={int(u): token[int(i)] for u, i in zip(vals.user_id, vals.item_id, strict=True)},
+        catalogue=snapshot.items,
     )

@@ -8,14 +8,14 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import time
 
 import numpy as np
 import torch
-from transformers import LlamaForCausalLM
 
 from pipeline.data import Snapshot
 from pipeline.evaluate import most_popular_scores, ndcg_at, rank_users, ranks_of_targets, utility_metrics
-from pipeline.model import build_model, device_facts, make_windows, seed_everything, window_loss
+from pipeline.model import Recommender, build_model, device_facts, make_windows, seed_everything, window_loss
 from pipeline.progress import progress as progress_bar
 from pipeline.settings import Settings, TrainSettings
 
@@ -32,7 +32,7 @@ def learning_rate_factor(step: int, total_steps: int, config: TrainSettings) -> 
 
 
 def fit(
-    model: LlamaForCausalLM,
+    model: Recommender,
     train_sequences: dict[int, list[int]],
     val_histories: dict[int, list[int]],
     val_targets: dict[int, int],
@@ -49,19 +49,27 @@ def fit(
         optimizer, lambda step: learning_rate_factor(step, total_steps, config)
     )
     best_ndcg, best_state, history, stale = -1.0, None, [], 0
-    bar = progress_bar(range(config.epochs), "train", "epoch", progress)
-    for epoch in bar:
+    bar = progress_bar(None, "train", "step", progress, total=total_steps)
+    for epoch in range(config.epochs):
         model.train()
         order = torch.randperm(len(windows), generator=generator)
-        losses = []
+        losses, tokens, started = [], 0, time.perf_counter()
         for start in range(0, len(windows), config.batch_size):
-            loss = window_loss(model, windows.batch(order[start : start + config.batch_size]))
+            batch = windows.batch(order[start : start + config.batch_size])
+            loss = window_loss(model, batch)
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             schedule.step()
             losses.append(loss.item())
+            tokens += int(batch.attention_mask.sum())
+            bar.update(1)
+            bar.set_postfix(
+                epoch=epoch, loss=f"{losses[-1]:.3f}", tokens_s=f"{tokens / (time.perf_counter() - started):.0f}",
+                refresh=False,
+            )  # fmt: skip
+        tokens_per_s = tokens / (time.perf_counter() - started)
         ranks = np.array(
             list(
                 rank_users(model, val_histories, val_targets, settings.model.max_len, settings.eval.batch_size).values()
@@ -74,9 +82,11 @@ def fit(
                 "train_loss": float(np.mean(losses)),
                 "val_ndcg10": val_ndcg,
                 "learning_rate": optimizer.param_groups[0]["lr"],
+                "tokens_per_s": tokens_per_s,  # forward and backward, the training step's own throughput
             }
         )
-        bar.set_postfix(loss=f"{np.mean(losses):.3f}", val_ndcg10=f"{val_ndcg:.4f}", refresh=False)
+        log.info("epoch %d: train loss %.4f, validation NDCG@10 %.4f, %.0f tokens/s", epoch, np.mean(losses),
+                 val_ndcg, tokens_per_s)  # fmt: skip
         if val_ndcg > best_ndcg:
             best_ndcg, best_state, stale = val_ndcg, copy.deepcopy(model.state_dict()), 0
         else:
@@ -84,6 +94,7 @@ def fit(
             if stale >= config.patience:
                 log.info("early stop after epoch %d: no validation gain for %d epochs", epoch, stale)
                 break
+    bar.close()
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
@@ -92,11 +103,11 @@ def fit(
 
 def train_base(
     snapshot: Snapshot, settings: Settings, progress: bool = True, device: torch.device | str = "cpu"
-) -> tuple[LlamaForCausalLM, dict]:
+) -> tuple[Recommender, dict]:
     """Train on members' training items (on `device`); report test utility of the model and of MostPop."""
     members = snapshot.members
     train_sequences = snapshot.sequences(("train",), members)
-    model = build_model(snapshot.n_tokens, settings.model, settings.seed).to(device)  # initialised on the CPU
+    model = build_model(snapshot.items, settings.model, settings.seed).to(device)  # initialised on the CPU
     history = fit(model, train_sequences, train_sequences, snapshot.targets("val", members), settings, progress)
 
     test_histories = snapshot.sequences(("train", "val"), members)

@@ -25,12 +25,12 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-from transformers import LlamaForCausalLM
 
 from pipeline.circuits import Circuits, circuits_for
 from pipeline.evaluate import Estimate, attack_scores, membership_auc
 from pipeline.leakage import USER_ATTACKS, LeakageEvidence, Positions, leakage_evidence, norm_quantile
 from pipeline.model import (
+    Recommender,
     Windows,
     build_model,
     make_windows,
@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 METHODS: dict[str, type[UnlearningMethod]] = {}
 # How a loop that started without evidence of the model's memory says it ended (lethe calibrate reads it)
 CENTRE_TARGET = "the centre itself was the target"
+UPDATED = ("forget_specific", "shared", "retain_specific")  # the groups CURE updates, each by its rule; inert stays
 EMBEDDING = "model.embed_tokens.weight"  # the tied item embedding, which is also the item head
 
 
@@ -72,7 +73,7 @@ def method_named(name: str) -> type[UnlearningMethod]:
         raise ValueError(f"unknown unlearning method {name!r}; known: {sorted(METHODS)}") from None
 
 
-def token_log_probs(model: LlamaForCausalLM, windows: Windows, grad_rows: torch.Tensor | None = None) -> torch.Tensor:
+def token_log_probs(model: Recommender, windows: Windows, grad_rows: torch.Tensor | None = None) -> torch.Tensor:
     log_p = torch.log_softmax(scored_logits(model, windows, grad_rows), -1)
     return log_p.gather(1, scored_labels(windows).to(log_p.device).unsqueeze(1)).squeeze(1)
 
@@ -88,10 +89,10 @@ class LeakageProbe:
         self.forgotten, self.non_members = data.forgotten_users, data.non_members
         self.whole = data.whole_users  # what the per-user attacks score (pipeline.leakage)
 
-    def evidence(self, model: LlamaForCausalLM) -> LeakageEvidence:
+    def evidence(self, model: Recommender) -> LeakageEvidence:
         return self.measure(model)[1]
 
-    def measure(self, model: LlamaForCausalLM) -> tuple[dict[str, dict[int, float]], LeakageEvidence]:
+    def measure(self, model: Recommender) -> tuple[dict[str, dict[int, float]], LeakageEvidence]:
         """Every forgotten user's and non-member's per-user attack scores (the benchmark compares them with
         retrain's on the same users, partly forgotten users included), and the gate's evidence."""
         batch_size, fraction = self.settings.eval.attack_batch_size, self.settings.eval.mink_fraction
@@ -109,7 +110,7 @@ class LeakageProbe:
             self.settings.gate.power,
         )
 
-    def with_intervals(self, model: LlamaForCausalLM, seed: int) -> dict:
+    def with_intervals(self, model: Recommender, seed: int) -> dict:
         """The evidence, each user-level AUC with a bootstrap interval over users, and the per-user scores
         (values only, no user id) that the report's histograms draw."""
         config = self.settings.eval
@@ -172,7 +173,7 @@ class UnlearningMethod:
     needs_reference: ClassVar[bool] = False  # keep a frozen copy of the model before unlearning
 
     def __init__(
-        self, model: LlamaForCausalLM, settings: Settings, data: UnlearningData, circuits: Circuits | None = None
+        self, model: Recommender, settings: Settings, data: UnlearningData, circuits: Circuits | None = None
     ) -> None:
         self.model, self.full_settings, self.settings, self.data = model, settings, settings.unlearn, data
         self.circuits = circuits
@@ -477,10 +478,7 @@ class CircuitAwareUnlearning(GradientProjection):
         return [named[name] for name in self._trainable]
 
     def masks(self) -> dict[str, list[torch.Tensor]]:
-        return {
-            group: [self._masks[group][name] for name in self._trainable]
-            for group in ("forget_specific", "shared", "retain_specific")
-        }
+        return {group: [self._masks[group][name] for name in self._trainable] for group in UPDATED}
 
     def run(self, probe: LeakageProbe, progress: bool = True) -> UnlearnResult:
         result = super().run(probe, progress)
@@ -488,44 +486,64 @@ class CircuitAwareUnlearning(GradientProjection):
         return result
 
 
+def attention_shape(config) -> tuple[int, int, int]:
+    """(query heads, key/value heads, head width) of a config: grouped-query attention (SmolLM2: 9 and 3) shares each
+    key/value head among heads // kv_heads query heads."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return heads, kv_heads, getattr(config, "head_dim", None) or config.hidden_size // heads
+
+
+def kv_head_groups(circuits: Circuits, site: str, heads: int, kv_heads: int) -> dict[str, torch.Tensor]:
+    """Per updated group, the key/value heads it owns. A key/value head takes part in exactly the objectives of the
+    query heads it serves: it follows their one group besides inert, is task-shared when they fall in more than one,
+    and stays frozen when all are inert. Without grouping (one query head each) this is the heads' own grouping."""
+    served = {group: circuits.groups[group][site].reshape(kv_heads, heads // kv_heads).any(1) for group in UPDATED}
+    spans = sum(member.int() for member in served.values())
+    return {
+        group: (member & (spans == 1)) | ((spans > 1) if group == "shared" else False)
+        for group, member in served.items()
+    }
+
+
 def parameter_masks(
-    model: LlamaForCausalLM, circuits: Circuits, items_shared: bool = False
+    model: Recommender, circuits: Circuits, items_shared: bool = False
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Per group, a 0/1 mask over each parameter tensor that a head, neuron or item of that group owns;
     with `items_shared`, every item row is task-shared whatever its group.
 
-    Every group holds the same parameter names (the q/k/v/o and gate/up/down weights of every layer, and the
-    item embedding when items are units).
+    Every group holds the same parameter names (the q/k/v/o and gate/up/down weights of every layer, q/k/v biases
+    where the architecture has them, and the item embedding when items are units). A head owns its rows of q_proj
+    and its columns of o_proj; k_proj's and v_proj's rows belong to key/value heads (`kv_head_groups`).
     """
-    config = model.config
-    head_dim = config.hidden_size // config.num_attention_heads
-    masks: dict[str, dict[str, torch.Tensor]] = {g: {} for g in ("forget_specific", "shared", "retain_specific")}
+    heads, kv_heads, head_dim = attention_shape(model.config)
+    masks: dict[str, dict[str, torch.Tensor]] = {g: {} for g in UPDATED}
     params = dict(model.named_parameters())
+
+    def add(group: str, name: str, mask: torch.Tensor) -> None:
+        if name in params:
+            masks[group][name] = masks[group].get(name, 0) + mask.expand_as(params[name])
+
     for group in masks:
         for site, units in circuits.groups[group].items():
             if site == "items":  # an item's row of the tied embedding, which is also its row of the item head
-                name = EMBEDDING
                 rows = torch.full(units.shape, float(group == "shared")) if items_shared else units.float()
-                masks[group][name] = rows[:, None].expand_as(params[name])
+                add(group, EMBEDDING, rows[:, None])
                 continue
             layer = int(site.split(".")[0].removeprefix("layer"))
             prefix = f"model.layers.{layer}"
             if site.endswith("heads"):
-                rows = torch.zeros(config.hidden_size)
-                for head in torch.nonzero(units).flatten().tolist():
-                    rows[head * head_dim : (head + 1) * head_dim] = 1.0
-                for proj in ("q_proj", "k_proj", "v_proj"):
-                    name = f"{prefix}.self_attn.{proj}.weight"
-                    masks[group][name] = masks[group].get(name, 0) + rows[:, None].expand_as(params[name])
-                name = f"{prefix}.self_attn.o_proj.weight"
-                masks[group][name] = masks[group].get(name, 0) + rows[None, :].expand_as(params[name])
+                query = units.float().repeat_interleave(head_dim)
+                kv = kv_head_groups(circuits, site, heads, kv_heads)[group].float().repeat_interleave(head_dim)
+                for proj, rows in (("q_proj", query), ("k_proj", kv), ("v_proj", kv)):
+                    add(group, f"{prefix}.self_attn.{proj}.weight", rows[:, None])
+                    add(group, f"{prefix}.self_attn.{proj}.bias", rows)
+                add(group, f"{prefix}.self_attn.o_proj.weight", query[None, :])
             else:
                 rows = units.float()
                 for proj in ("gate_proj", "up_proj"):
-                    name = f"{prefix}.mlp.{proj}.weight"
-                    masks[group][name] = masks[group].get(name, 0) + rows[:, None].expand_as(params[name])
-                name = f"{prefix}.mlp.down_proj.weight"
-                masks[group][name] = masks[group].get(name, 0) + rows[None, :].expand_as(params[name])
+                    add(group, f"{prefix}.mlp.{proj}.weight", rows[:, None])
+                add(group, f"{prefix}.mlp.down_proj.weight", rows[None, :])
     names = set().union(*(set(m) for m in masks.values()))
     for group in masks:
         for name in names:
@@ -582,7 +600,7 @@ class RetrainFromScratch(UnlearningMethod):
 
         settings = self.full_settings
         # initialised on the CPU, as the base was: the same seed gives the same start on any device
-        fresh = build_model(self.model.config.vocab_size, settings.model, settings.seed).to(self.model.device)
+        fresh = build_model(self.data.catalogue, settings.model, settings.seed).to(self.model.device)
         fit(fresh, self.data.retain_sequences, self.data.val_histories, self.data.val_targets, settings, progress)
         self.model.load_state_dict(fresh.state_dict())
         self.model.eval()
@@ -592,7 +610,7 @@ class RetrainFromScratch(UnlearningMethod):
 
 
 def run_unlearning(
-    model: LlamaForCausalLM,
+    model: Recommender,
     data: UnlearningData,
     settings: Settings,
     progress: bool = True,

@@ -38,9 +38,9 @@ def test_windows_cut_sequences_and_respect_masks():
 
 
 def test_same_seed_same_model_other_seed_other_model(snapshot, settings):
-    first = build_model(snapshot.n_tokens, settings.model, seed=1)
-    again = build_model(snapshot.n_tokens, settings.model, seed=1)
-    other = build_model(snapshot.n_tokens, settings.model, seed=2)
+    first = build_model(snapshot.items, settings.model, seed=1)
+    again = build_model(snapshot.items, settings.model, seed=1)
+    other = build_model(snapshot.items, settings.model, seed=2)
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values(), strict=True))
     assert not torch.equal(first.model.embed_tokens.weight, other.model.embed_tokens.weight)
 

@@ -1,0 +1,197 @@
+"""Pretrained backbones: SmolLM2's real weights through the code path every step uses, a team's own Hugging Face
+directory (Llama family, Qwen2), and a clear refusal of an architecture the circuits cannot hook.
+
+One layer of SmolLM2 keeps these tests in seconds; the weights are the GGUF file's, checked against an independent
+reader of that file."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pipeline.backbones import BackboneError, build_pretrained, convert_smollm2, smollm2_gguf
+from pipeline.data import BOS_TOKEN, FIRST_ITEM_TOKEN
+from pipeline.settings import Home, Settings
+from tests.conftest import tiny_params
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """One LETHE_HOME for the module: SmolLM2 is converted into it once."""
+    root = tmp_path_factory.mktemp("backbones")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LETHE_HOME", str(root))
+        yield Home(root)
+
+
+@pytest.fixture(scope="module")
+def converted(home):
+    return convert_smollm2(home)
+
+
+def pretrained_settings(**overrides) -> Settings:
+    return Settings.model_validate(
+        tiny_params(
+            **{"model.backbone": "smollm2-135m", "model.layers": 1, "model.max_len": 16, "train.epochs": 1, **overrides}
+        )
+    )
+
+
+def test_the_converted_weights_are_the_gguf_files_and_conversion_happens_once(converted, home):
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+    from safetensors.torch import load_file
+
+    tensors = {tensor.name: tensor for tensor in GGUFReader(smollm2_gguf()).tensors}
+    weights = load_file(converted / "model.safetensors")
+    assert len([name for name in weights if name.endswith("mlp.down_proj.weight")]) == 30
+    for layer in (0, 29):  # llama.cpp stores down_proj as it is (q and k it permutes for its rotary layout)
+        raw = tensors[f"blk.{layer}.ffn_down.weight"]
+        expected = dequantize(raw.data, raw.tensor_type)
+        np.testing.assert_array_equal(weights[f"model.layers.{layer}.mlp.down_proj.weight"].numpy(), expected)
+    stamp = (converted / "model.safetensors").stat().st_mtime_ns
+    assert convert_smollm2(home) == converted
+    assert (converted / "model.safetensors").stat().st_mtime_ns == stamp, "converted again"
+    assert not list(converted.parent.glob("*.partial"))
+
+
+def test_item_rows_start_from_the_titles_and_the_layers_are_the_pretrained_ones(converted, snapshot):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    settings = pretrained_settings()
+    model = build_pretrained(snapshot.items, settings.model, seed=1)
+    again = build_pretrained(snapshot.items, settings.model, seed=1)
+    assert torch.equal(model.get_input_embeddings().weight, again.get_input_embeddings().weight)
+    assert model.config.vocab_size == FIRST_ITEM_TOKEN + len(snapshot.items) and model.config.num_hidden_layers == 1
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight, "the item head is tied"
+
+    source = AutoModelForCausalLM.from_pretrained(converted)
+    for name, weight in model.model.layers[0].state_dict().items():
+        assert torch.equal(weight, source.model.layers[0].state_dict()[name]), name
+    tokenizer = AutoTokenizer.from_pretrained(converted)
+    text = source.get_input_embeddings().weight
+    rows = model.get_input_embeddings().weight.detach()
+    assert torch.equal(rows[BOS_TOKEN], text[tokenizer.bos_token_id])
+    titles = snapshot.items.title.tolist()
+    toy_story = titles.index("Toy Story")
+    ids = tokenizer("Toy Story, Adventure, Animation, Children, Comedy, Fantasy", add_special_tokens=False).input_ids
+    assert torch.allclose(rows[FIRST_ITEM_TOKEN + toy_story], text[ids].mean(0))
+    # the pretrained model's knowledge of the films: the sequel is among Toy Story's nearest rows
+    items = rows[FIRST_ITEM_TOKEN:]
+    similarity = torch.nn.functional.cosine_similarity(items[toy_story : toy_story + 1], items)
+    nearest = [titles[index] for index in similarity.topk(4).indices.tolist()[1:]]
+    assert "Toy Story 2" in nearest, nearest
+
+
+def test_an_item_without_a_title_starts_from_a_seeded_random_row(converted):
+    settings = pretrained_settings()
+    catalogue = pd.DataFrame({"item_id": [10, 11], "title": ["Heat", None], "genres": [None, None]})
+    first = build_pretrained(catalogue, settings.model, seed=3).get_input_embeddings().weight.detach()
+    again = build_pretrained(catalogue, settings.model, seed=3).get_input_embeddings().weight.detach()
+    other = build_pretrained(catalogue, settings.model, seed=4).get_input_embeddings().weight.detach()
+    untitled = FIRST_ITEM_TOKEN + 1
+    assert torch.equal(first[untitled], again[untitled]) and not torch.equal(first[untitled], other[untitled])
+    assert torch.equal(first[FIRST_ITEM_TOKEN], other[FIRST_ITEM_TOKEN]), "a titled row does not depend on the seed"
+
+
+def test_an_architecture_the_circuits_cannot_hook_is_refused_by_name(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    directory = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32)).save_pretrained(
+        directory
+    )
+    settings = pretrained_settings(**{"model.backbone": "hf", "model.hf.path": str(directory)})
+    with pytest.raises(BackboneError, match=r"gpt2.*model\.embed_tokens.*model\.layers\.<i>\.self_attn\.o_proj"):
+        build_pretrained(pd.DataFrame({"title": ["Heat"], "genres": [None]}), settings.model, seed=1)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    settings = pretrained_settings(**{"model.backbone": "hf", "model.hf.path": str(empty)})
+    with pytest.raises(BackboneError, match="not a Hugging Face model directory"):
+        build_pretrained(pd.DataFrame({"title": ["Heat"], "genres": [None]}), settings.model, seed=1)
+    with pytest.raises(ValueError, match=r"model\.hf\.path"):
+        pretrained_settings(**{"model.backbone": "hf"})
+
+
+def test_a_qwen2_directory_is_hooked_like_a_llama(converted, tmp_path):
+    """Qwen2 has the Llama family's module names (and biases on q, k and v, which CURE's masks cover)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from pipeline.circuits import GROUPS, Circuits
+    from pipeline.unlearn import UPDATED, parameter_masks
+
+    directory = tmp_path / "qwen2"
+    config = Qwen2Config(
+        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(directory)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(converted / name, directory / name)  # any tokenizer of the same vocabulary
+    settings = pretrained_settings(**{"model.backbone": "hf", "model.hf.path": str(directory), "model.layers": None})
+    catalogue = pd.DataFrame({"title": ["Heat", "Alien"], "genres": ["Action", "Horror|Sci-Fi"]})
+    model = build_pretrained(catalogue, settings.model, seed=1)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    # query heads 0 and 1 share key/value head 0, heads 2 and 3 share head 1
+    heads = {
+        "forget_specific": torch.tensor([True, False, False, False]),
+        "shared": torch.tensor([False, False, True, False]),
+        "retain_specific": torch.tensor([False, True, False, False]),
+        "inert": torch.tensor([False, False, False, True]),
+    }
+    groups = {group: {"layer0.heads": heads[group]} for group in GROUPS}
+    masks = parameter_masks(model, Circuits({}, {}, groups, {}))
+    head_dim = 16
+    for group in UPDATED:
+        query = masks[group]["model.layers.0.self_attn.q_proj.weight"][:, 0].reshape(4, head_dim)[:, 0]
+        assert query.bool().tolist() == heads[group].tolist()
+        bias = masks[group]["model.layers.0.self_attn.q_proj.bias"]
+        assert bias.reshape(4, head_dim)[:, 0].tolist() == query.tolist()
+        kv = masks[group]["model.layers.0.self_attn.k_proj.weight"][:, 0].reshape(2, head_dim)[:, 0].bool().tolist()
+        # head 0 serves a forget and a retain query head: shared; head 1 a shared and an inert one: shared
+        assert kv == ([True, True] if group == "shared" else [False, False]), group
+    total = sum(masks[group]["model.layers.0.self_attn.v_proj.weight"] for group in UPDATED)
+    assert total.max() == 1, "a parameter belongs to one group at most"
+
+
+def test_a_llama_directory_trains_and_unlearns_with_cure(converted, snapshot):
+    """The converted SmolLM2 directory as a team's own (`hf`): a base fine-tune, circuits over its heads (9 per
+    layer, grouped-query attention) and neurons, and CURE's update through the same interface as on tiny."""
+    from pipeline.model import build_model, make_windows, window_loss
+    from pipeline.train import train_base
+    from pipeline.unlearn import LeakageProbe, method_named
+    from tests.test_unlearn import forget_users
+
+    settings = pretrained_settings(
+        **{"model.backbone": "hf", "model.hf.path": str(converted), "train.learning_rate": 0.0005}
+    )
+    windows = make_windows(snapshot.sequences(("train",), snapshot.members[:40]), settings.model.max_len)
+    untrained = build_model(snapshot.items, settings.model, settings.seed)
+    with torch.no_grad():
+        loss_before = window_loss(untrained, windows).item()
+    model, report = train_base(snapshot, settings, progress=False)
+    with torch.no_grad():
+        loss_after = window_loss(model, windows).item()
+    assert loss_after < loss_before - 0.5, (loss_before, loss_after)
+    assert report["members"] == len(snapshot.members)
+
+    data = forget_users(snapshot)
+    before = copy.deepcopy(model.state_dict())
+    cure = method_named("cure")(model, settings, data)
+    assert cure.circuits.groups["inert"]["layer0.heads"].shape == (9,)
+    assert cure.circuits.groups["inert"]["layer0.neurons"].shape == (1536,)
+    optimizer = torch.optim.AdamW(cure.parameters(), lr=1e-3, weight_decay=0.0)
+    for _ in range(2):
+        cure.step(cure.forget.batch(slice(0, 8)), cure.retain.batch(slice(0, 8)), optimizer)
+    after = model.state_dict()
+    changed = {name for name in after if not torch.equal(after[name], before[name])}
+    assert "model.layers.0.self_attn.k_proj.weight" in changed and "model.embed_tokens.weight" in changed
+    assert "model.norm.weight" not in changed, "not a unit: frozen"
+    evidence = LeakageProbe(data, settings).evidence(model)
+    assert set(evidence.aucs()) == {"loss", "mink", "minkpp", "item_rank"}
