@@ -230,3 +230,78 @@ def _describe(kwargs: dict) -> str:
     if condition := kwargs.get("row_condition"):  # a comparison, as GX serializes it
         named.append(f"where {condition['column']['name']} {condition['operator']} {condition['parameter']}")
     return ", ".join(named)
+
+
+# What a team's interaction file must hold (data.source: file). Column -> what a person reads when it breaks.
+INTERACTION_COLUMNS = {"user_id": "a user id", "item_id": "an item id", "timestamp": "when the interaction happened"}
+OPTIONAL_COLUMNS = ("rating", "title", "genres")
+
+
+def check_interactions(frame: pd.DataFrame, source: str, min_users: int, latest: datetime) -> dict:
+    """The contract of a team's own interactions, before any snapshot is cut from them: the required columns;
+    ids that are integers or strings and never null; timestamps that parse (unix seconds or datetimes) and lie
+    between 1970 and `latest`; ratings that are numbers; no interaction twice (user, item, time); and at least
+    `min_users` users with the 3 interactions a split needs (train, validation, test). `frame` carries the
+    parsed `timestamp_s` beside the raw columns. Returns GX's result; raises ContractViolation naming each
+    failure and how many rows it flagged, so a broken file is a report, not a traceback."""
+    import great_expectations as gx
+    from great_expectations.expectations.row_conditions import Column
+
+    expect = gx.expectations
+    missing = [column for column in INTERACTION_COLUMNS if column not in frame.columns]
+    if missing:
+        named = ", ".join(f"{column} ({INTERACTION_COLUMNS[column]})" for column in missing)
+        raise ContractViolation(
+            f"{source}: the interactions lack the column(s) {named}; found {list(frame.columns)[:10]}"
+        )
+    suite = [expect.ExpectColumnValuesToNotBeNull(column=column) for column in ("user_id", "item_id", "timestamp")]
+    suite += [
+        expect.ExpectColumnValuesToBeInTypeList(column=column, type_list=["int", "str"])
+        for column in ("user_id", "item_id")
+    ]
+    suite += [
+        # a timestamp given that is neither unix seconds nor a datetime parses to nothing
+        expect.ExpectColumnValuesToNotBeNull(
+            column="timestamp_s", row_condition=Column("timestamp_given") == True  # noqa: E712
+        ),
+        expect.ExpectColumnValuesToBeBetween(column="timestamp_s", min_value=0, max_value=latest.timestamp()),
+        expect.ExpectCompoundColumnsToBeUnique(column_list=["user_id", "item_id", "timestamp_s"]),
+    ]
+    if "rating" in frame.columns:
+        suite.append(expect.ExpectColumnValuesToBeInTypeList(column="rating", type_list=["int", "float"]))
+    result = _validate("interactions", frame, suite)
+    per_user = frame.groupby("user_id", dropna=True).size() if len(frame) else pd.Series(dtype=int)
+    enough = int((per_user >= 3).sum())
+    users = _validate(
+        "interactions_per_user",
+        pd.DataFrame({"users_with_3_interactions": [enough]}),
+        [expect.ExpectColumnValuesToBeBetween(column="users_with_3_interactions", min_value=min_users)],
+    )
+    failed = [_interaction_failure(item, len(frame)) for item in result["results"] if not item["success"]]
+    if not users["success"]:
+        failed.append(
+            f"only {enough} of {len(per_user)} users have the 3 interactions a split needs (train, validation, test); "
+            f"data.min_users is {min_users}"
+        )
+    if len(frame) == 0:
+        failed.insert(0, "the file holds no interactions")
+    if failed:
+        raise ContractViolation(f"{source}: the interactions broke their contract: " + "; ".join(failed))
+    return {"rows": result, "users": users}
+
+
+def _interaction_failure(item: dict, rows: int) -> str:
+    kind, kwargs = item["expectation_config"]["type"], item["expectation_config"]["kwargs"]
+    column = kwargs.get("column") or ", ".join(kwargs.get("column_list", [])).replace("timestamp_s", "timestamp")
+    count = item["result"].get("unexpected_count")
+    what = {
+        "expect_column_values_to_not_be_null": "empty",
+        "expect_column_values_to_be_in_type_list": "of a type other than " + " or ".join(kwargs.get("type_list", [])),
+        "expect_column_values_to_be_between": "outside [1970, now]",
+        "expect_compound_columns_to_be_unique": "in repeats (the same user, item and time more than once)",
+    }.get(kind, kind)
+    if column == "timestamp_s":
+        column = "timestamp"
+        if kind == "expect_column_values_to_not_be_null":
+            what = "neither unix seconds nor a datetime"
+    return f"{column}: {count} of {rows} rows {what}"

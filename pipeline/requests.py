@@ -10,18 +10,23 @@ import json
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.ids import request_id_value
+
+# A user's or item's id: an integer, or a string id (a UUID, a SKU) made the integer the data loader makes of it
+Id = Annotated[int, BeforeValidator(request_id_value)]
 
 
 class DeletionRequest(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     request_id: str = Field(min_length=1, max_length=200)
-    user_id: StrictInt
+    user_id: Id
     scope: Literal["user", "interactions"]
-    item_ids: list[StrictInt] | None = None
+    item_ids: list[Id] | None = None
     received_at: datetime
 
     @field_validator("received_at")

@@ -24,10 +24,19 @@ class _Frozen(BaseModel):
 
 
 class DataSettings(_Frozen):
+    source: Literal["movielens", "file"] = "movielens"
+    path: str | None = None  # data.source file: Parquet or CSV, a local path or s3://bucket/key
+    min_users: int = Field(default=10, ge=2)  # a file must hold this many users with 3 interactions or more
     min_rating: float = Field(ge=0.0, le=5.0)
     min_item_interactions: int = Field(ge=1)
     non_member_share: float = Field(gt=0.0, lt=1.0)
     max_users: int | None = Field(default=None, ge=10)
+
+    @model_validator(mode="after")
+    def _file_has_a_path(self) -> DataSettings:
+        if self.source == "file" and not self.path:
+            raise ValueError("data.source file needs data.path: a Parquet or CSV file, local or s3://bucket/key")
+        return self
 
 
 class TinyBackbone(_Frozen):

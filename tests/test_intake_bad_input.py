@@ -42,7 +42,10 @@ def cases(member: int, other: int, items: list[int]) -> dict[str, tuple[list[byt
         "malformed_json": ([b'{"request_id": "a", "user_id": \n'], {"validated": 0, "malformed_json": 1}),
         "truncated_json": ([jsonl(ok)[:-10] + b"\n"], {"validated": 0, "malformed_json": 1}),
         "not_an_object": ([b"[1, 2, 3]\n"], {"validated": 0, "not_an_object": 1}),
-        "user_id_a_string": ([jsonl(request("a", str(member)))], {"validated": 0, "invalid_request": 1}),
+        # a string id is a team's id (data.source file): the digits of an integer id name that integer's person
+        "user_id_a_string_of_its_digits": ([jsonl(request("a", str(member)))], {"validated": 1}),
+        "user_id_a_string_no_data_holds": ([jsonl(request("a", "9b1deb4d-3b7d"))], {"validated": 0, "unknown_user": 1}),
+        "user_id_a_list": ([jsonl(request("a", [member]))], {"validated": 0, "invalid_request": 1}),
         "user_id_a_float": ([jsonl(request("a", member + 0.5))], {"validated": 0, "invalid_request": 1}),
         "user_id_a_boolean": ([jsonl(request("a", True))], {"validated": 0, "invalid_request": 1}),
         "missing_field": ([jsonl({"request_id": "a", "user_id": member, "received_at": "2026-01-01T00:00:00Z"})],
