@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -91,11 +92,20 @@ def convert_smollm2(home: Home | None = None) -> Path:
         shutil.rmtree(partial, ignore_errors=True)
         plain.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
-        (partial / "source.json").write_text(
-            f'{{"file": "{SMOLLM2_FILE}", "distribution": "{SMOLLM2_DISTRIBUTION}", "sha256": "{digest}"}}\n'
-        )
+        source = {"distribution": SMOLLM2_DISTRIBUTION, "file": SMOLLM2_FILE, "sha256": digest}
+        (partial / "source.json").write_text(json.dumps(source, indent=2) + "\n")
         partial.rename(target)
     return target
+
+
+def weights_digest(directory: Path) -> str:
+    """SHA-256 over a model directory's config and weight files (name and content), the provenance a trained model
+    records of the pretrained weights it started from."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in directory.iterdir() if p.name == "config.json" or p.suffix in (".safetensors", ".bin"))
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + file_sha256(path).encode())
+    return digest.hexdigest()
 
 
 def pretrained_source(settings: ModelSettings, home: Home | None = None) -> Path:
@@ -192,4 +202,9 @@ def build_pretrained(catalogue: pd.DataFrame, settings: ModelSettings, seed: int
     )
     if model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
         raise BackboneError(f"{source}: could not tie the item head to the item embedding")
+    # provenance, saved with every model built on it (config.json): which pretrained weights, how many layers kept
+    model.config.lethe_backbone = {
+        "backbone": settings.backbone, "source": str(source), "weights_sha256": weights_digest(source),
+        "layers_kept": model.config.num_hidden_layers,
+    }  # fmt: skip
     return model

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.backbones import BackboneError, build_pretrained, convert_smollm2, smollm2_gguf
+from pipeline.backbones import BackboneError, build_pretrained, convert_smollm2, smollm2_gguf, weights_digest
 from pipeline.data import BOS_TOKEN, FIRST_ITEM_TOKEN
 from pipeline.settings import Home, Settings
 from tests.conftest import tiny_params
@@ -60,8 +60,10 @@ def test_the_converted_weights_are_the_gguf_files_and_conversion_happens_once(co
     assert not list(converted.parent.glob("*.partial"))
 
 
-def test_item_rows_start_from_the_titles_and_the_layers_are_the_pretrained_ones(converted, snapshot):
+def test_item_rows_start_from_the_titles_and_the_layers_are_the_pretrained_ones(converted, snapshot, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.model import load_model, save_model
 
     settings = pretrained_settings()
     model = build_pretrained(snapshot.items, settings.model, seed=1)
@@ -69,6 +71,11 @@ def test_item_rows_start_from_the_titles_and_the_layers_are_the_pretrained_ones(
     assert torch.equal(model.get_input_embeddings().weight, again.get_input_embeddings().weight)
     assert model.config.vocab_size == FIRST_ITEM_TOKEN + len(snapshot.items) and model.config.num_hidden_layers == 1
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight, "the item head is tied"
+    provenance = model.config.lethe_backbone
+    assert provenance["layers_kept"] == 1 and provenance["source"] == str(converted)
+    assert provenance["weights_sha256"] == weights_digest(converted)
+    save_model(model, tmp_path / "saved", {})
+    assert load_model(tmp_path / "saved")[0].config.lethe_backbone == provenance, "kept in the saved config"
 
     source = AutoModelForCausalLM.from_pretrained(converted)
     for name, weight in model.model.layers[0].state_dict().items():
