@@ -24,9 +24,9 @@ class _Frozen(BaseModel):
 
 
 class DataSettings(_Frozen):
-    source: Literal["movielens", "file"] = "movielens"
+    source: Literal["movielens", "file"]
     path: str | None = None  # data.source file: Parquet or CSV, a local path or s3://bucket/key
-    min_users: int = Field(default=10, ge=2)  # a file must hold this many users with 3 interactions or more
+    min_users: int = Field(ge=2)  # a file must hold this many users with 3 interactions or more
     min_rating: float = Field(ge=0.0, le=5.0)
     min_item_interactions: int = Field(ge=1)
     non_member_share: float = Field(gt=0.0, lt=1.0)
@@ -61,9 +61,9 @@ class HfBackbone(_Frozen):
 class ModelSettings(_Frozen):
     backbone: Literal["tiny", "smollm2-135m", "hf"]
     max_len: int = Field(ge=4, le=2048)
-    layers: int | None = Field(default=None, ge=1)  # a pretrained backbone: keep only its first k layers
+    layers: int | None = Field(ge=1)  # a pretrained backbone: keep only its first k layers (None: all)
     tiny: TinyBackbone
-    hf: HfBackbone = HfBackbone()
+    hf: HfBackbone
 
     @model_validator(mode="after")
     def _hf_has_a_path(self) -> ModelSettings:

@@ -33,6 +33,10 @@ def test_settings_are_frozen(settings: Settings):
         (lambda p: p["bench"]["acceptance"].update(extra_seeds=[99, 99]), r"\[99\] would run a batch twice"),
         (lambda p: p["bench"]["tuning"].update(deletion_rates=[0.1]), "lack bench.acceptance.rate 0.05"),
         (lambda p: p["bench"]["tuning"].update(methods=["grad_diff"]), "lack cure"),
+        (lambda p: p["model"].update(backbone="hf"), r"needs model\.hf\.path"),
+        (lambda p: p["model"].update(layers=3), "keeps the first k layers of a pretrained backbone"),
+        (lambda p: p["data"].update(source="file"), r"needs data\.path"),
+        (lambda p: p["data"].pop("source"), r"data\.source: Field required"),
     ],
 )
 def test_invalid_params_name_the_key(tmp_path: Path, mutate, message):
@@ -52,3 +56,22 @@ def test_missing_and_broken_files(tmp_path: Path):
     broken.write_text("seed: [unclosed")
     with pytest.raises(SettingsError, match="not valid YAML"):
         load_settings(broken)
+
+
+def test_an_overlay_names_only_what_differs(tmp_path: Path):
+    """`extends:` lays a file over another (relative to itself), mapping by mapping; lists are replaced whole;
+    a loop is refused by name."""
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
+    overlay = tmp_path / "smollm2.yaml"
+    overlay.write_text(
+        "extends: base/params.yaml\nmodel: {backbone: smollm2-135m, layers: 2}\neval: {ks: [10]}\n"
+    )
+    settings, base = load_settings(overlay), load_settings(tmp_path / "base" / "params.yaml")
+    assert (settings.model.backbone, settings.model.layers, settings.eval.ks) == ("smollm2-135m", 2, (10,))
+    assert settings.model.max_len == base.model.max_len and settings.train == base.train  # the rest is the base's
+    assert load_settings(REPO / "params.smollm2.yaml").model.backbone == "smollm2-135m"
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("extends: loop.yaml\n")
+    with pytest.raises(SettingsError, match="loops back to itself"):
+        load_settings(loop)
