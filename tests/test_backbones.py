@@ -167,17 +167,21 @@ def test_a_qwen2_directory_is_hooked_like_a_llama(converted, tmp_path):
     assert total.max() == 1, "a parameter belongs to one group at most"
 
 
-def test_a_llama_directory_trains_and_unlearns_with_cure(converted, snapshot):
+def test_a_llama_directory_trains_and_unlearns_with_cure(converted, ratings):
     """The converted SmolLM2 directory as a team's own (`hf`): a base fine-tune, circuits over its heads (9 per
-    layer, grouped-query attention) and neurons, and CURE's update through the same interface as on tiny."""
+    layer, grouped-query attention) and neurons, and CURE's update through the same interface as on tiny. On 60
+    people and a small retain sample: the path is checked here, not the figures."""
+    from pipeline.data import prepare_snapshot
     from pipeline.model import build_model, make_windows, window_loss
     from pipeline.train import train_base
     from pipeline.unlearn import LeakageProbe, method_named
     from tests.test_unlearn import forget_users
 
     settings = pretrained_settings(
-        **{"model.backbone": "hf", "model.hf.path": str(converted), "train.learning_rate": 0.0005}
-    )
+        **{"model.backbone": "hf", "model.hf.path": str(converted), "data.max_users": 60,
+           "circuits.retain_windows": 32, "train.learning_rate": 0.003}
+    )  # fmt: skip
+    snapshot = prepare_snapshot(ratings, settings.data, settings.seed)
     windows = make_windows(snapshot.sequences(("train",), snapshot.members[:40]), settings.model.max_len)
     untrained = build_model(snapshot.items, settings.model, settings.seed)
     with torch.no_grad():

@@ -158,7 +158,7 @@ def test_the_nightly_runs_on_the_example_file_and_forgets_people_named_by_their_
     shutil.copytree(template_home / "airflow", home / "airflow")  # a migrated Airflow database; no data, no model
     params = write_params(
         tmp_path / "params.yaml",
-        **{"data.source": "file", "data.path": str(EXAMPLE), "data.max_users": None, **CHEAP},
+        **{"data.source": "file", "data.path": str(EXAMPLE), "data.max_users": None, "train.epochs": 2, **CHEAP},
     )
 
     def run(*args: str) -> subprocess.CompletedProcess:
