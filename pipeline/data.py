@@ -86,8 +86,8 @@ def read_interaction_file(path: str, settings: Settings) -> pd.DataFrame:
     check_interactions(checked, path, settings.data.min_users, latest)
     out = pd.DataFrame(
         {
-            "user_id": checked.user_id.map(canonical_id).astype("int64"),
-            "item_id": checked.item_id.map(canonical_id).astype("int64"),
+            "user_id": _canonical(checked.user_id, "user_id", path),
+            "item_id": _canonical(checked.item_id, "item_id", path),
             "rating": pd.to_numeric(frame["rating"], errors="coerce") if "rating" in frame else np.nan,
             "timestamp": checked.timestamp_s.astype("int64"),
         }
@@ -95,6 +95,25 @@ def read_interaction_file(path: str, settings: Settings) -> pd.DataFrame:
     for column in ("title", "genres"):
         out[column] = frame[column].astype(object).where(frame[column].notna(), None) if column in frame else None
     return out[COLUMNS]
+
+
+def _canonical(ids: pd.Series, column: str, path: str) -> pd.Series:
+    """A column of ids as Lethe keeps them (pipeline.ids); an integer id outside [0, 2^62) is a contract failure."""
+    def code(value: object) -> int | None:
+        try:
+            return canonical_id(value)
+        except ValueError:
+            return None
+
+    codes = ids.map(code)
+    if codes.isna().any():
+        from pipeline.contracts import ContractViolation
+
+        raise ContractViolation(
+            f"{path}: the interactions broke their contract: {column}: {int(codes.isna().sum())} of {len(ids)} rows "
+            "hold an integer id outside [0, 2^62) (a negative one, say); give such ids as strings"
+        )
+    return codes.astype("int64")
 
 
 def _iso_seconds(value: object) -> float:

@@ -84,6 +84,7 @@ def broken_files(example: pd.DataFrame) -> dict[str, tuple[str, bytes, str]]:
         "wrong_types": ("a.parquet", _parquet(floats), f"user_id: {rows} of {rows} rows of a type other than int"),
         "timestamps_not_times": ("a.csv", _csv(good.assign(timestamp="yesterday")), "neither unix seconds nor a date"),
         "null_ids": ("a.csv", _csv(nulls), f"item_id: 2 of {rows} rows empty"),
+        "negative_ids": ("a.parquet", _parquet(good.assign(item_id=-good.index - 1)), "outside [0, 2^62)"),
         "duplicate_rows": ("a.csv", _csv(pd.concat([good, good.head(5)])), f": 10 of {rows + 5} rows in repeats"),
         "one_interaction_per_user": ("a.csv", _csv(once), f"only 0 of {len(once)} users have the 3 interactions"),
         "future_timestamps": ("a.csv", _csv(future), f"timestamp: 2 of {rows} rows outside [1970, now]"),
