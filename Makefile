@@ -4,10 +4,11 @@ VENV       ?= .venv
 TOOLS      ?= .venv-tools
 KFP        ?= .venv-kfp
 LETHE_HOME ?= $(CURDIR)/.lethe
+PEER       ?= .venv-peer
 PYTHON     ?= python3
 export LETHE_HOME
 
-.PHONY: nightly test install tools kfp kfp-compile services browser mlflow-server lint lock lock-tools lock-kfp clean bench bench-ingest
+.PHONY: nightly test install tools kfp peer kfp-compile services browser mlflow-server lint lock lock-tools lock-kfp lock-peer clean bench bench-ingest
 
 $(VENV)/.installed: pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,8 +31,15 @@ $(KFP)/.installed: requirements/kfp.txt
 
 kfp: $(KFP)/.installed
 
+# SASRec from RecTools, the outside anchor of `lethe utility` (peer/sasrec.py), in its own environment: RecTools 0.19
+# pins numpy<2 and attrs<24, which the project's lock excludes. Locked by requirements/peer.txt; torch is the CPU
+# build on disk (requirements/peer.txt pins it, so no CUDA build is pulled).
+$(PEER)/.installed: requirements/peer.txt
+
+peer: $(PEER)/.installed
+
 # Either side environment, from its lock file.
-$(TOOLS)/.installed $(KFP)/.installed:
+$(TOOLS)/.installed $(KFP)/.installed $(PEER)/.installed:
 	$(PYTHON) -m venv $(@D)
 	$(@D)/bin/pip install --quiet --upgrade pip
 	$(@D)/bin/pip install --quiet -r $<
@@ -64,7 +72,7 @@ browser:
 		  { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1; }; }; } || \
 		echo "make: no chromium: the browser test skips, or fails under CI"
 
-test: install tools kfp services browser
+test: install tools kfp peer services browser
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25
 
@@ -100,5 +108,12 @@ lock-kfp:
 	{ head -n 2 requirements/kfp.txt; $(KFP)/bin/pip freeze; } > requirements/kfp.txt.new
 	mv requirements/kfp.txt.new requirements/kfp.txt && touch $(KFP)/.installed
 
+lock-peer:
+	rm -rf $(PEER) && $(PYTHON) -m venv $(PEER)
+	$(PEER)/bin/pip install --quiet torch==2.13.0 "rectools[torch]==0.19.0"
+	{ head -n 2 requirements/peer.txt; $(PEER)/bin/pip freeze | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } \
+		> requirements/peer.txt.new
+	mv requirements/peer.txt.new requirements/peer.txt && touch $(PEER)/.installed
+
 clean:
-	rm -rf $(VENV) $(TOOLS) $(KFP) $(LETHE_HOME)
+	rm -rf $(VENV) $(TOOLS) $(KFP) $(PEER) $(LETHE_HOME)

@@ -330,6 +330,11 @@ def main(argv: list[str] | None = None) -> None:
     audit.add_argument("--since", default=None, help="only requests honored from this date (YYYY-MM-DD, UTC)")
     audit.add_argument("--request", default=None, help="only this request")
     audit.add_argument("--out", default=None, help="report folder (default: $LETHE_HOME/audit)")
+    utility = commands.add_parser("utility", help="base models' NDCG@10 and HR@10 beside MostPop and SASRec, one split")
+    utility.add_argument("--model", action="append", required=True, metavar="NAME=HOME",
+                         help="a LETHE_HOME whose base model to measure (repeatable)")  # fmt: skip
+    utility.add_argument("--peer-python", default=".venv-peer/bin/python", help="the SASRec environment (make peer)")
+    utility.add_argument("--out", default="results/utility")
     calibrate = commands.add_parser("calibrate", help="the gate's leakage test on retrained models, and its power")
     calibrate.add_argument("--out", default="results")
     intake = commands.add_parser("ingest", help="take a deletion log into the ledger and validate it")
@@ -380,12 +385,16 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(bootstrap(args))
         if args.command == "sample-log":
             sys.exit(sample_log(args))
-        from components import audit, bench, calibrate, prepare, train
+        from components import audit, bench, calibrate, prepare, train, utility
 
         common = [
             *(["--params", str(args.params)] if args.params else []),
             *(["--home", str(args.home)] if args.home else []),
         ]
+        if args.command == "utility":
+            models = [part for spec in args.model for part in ("--model", spec)]
+            utility.main([*common, *models, "--peer-python", args.peer_python, "--out", args.out])
+            return
         if args.command == "bench":
             bench.main(
                 [

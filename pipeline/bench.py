@@ -59,11 +59,14 @@ class Setting:
 def grid(bench: BenchSettings, quick: bool = False) -> list[tuple[Setting, tuple[int, ...]]]:
     """The batches `lethe bench` runs: each setting with its seeds. Every user rate and the interaction scope run
     bench.seeds; the judged batch (users at bench.acceptance.rate) also runs bench.acceptance.extra_seeds, since
-    its verdicts rest on means across seeds. `quick`: the quick rate, the first seed."""
+    its verdicts rest on means across seeds; the interaction scope runs unless bench.interaction_rate is null.
+    `quick`: the quick rate, the first seed."""
     if quick:
         return [(Setting("user", bench.quick_rate), bench.seeds[:1])]
     judged = bench.seeds + bench.acceptance.extra_seeds
     users = [(Setting("user", r), judged if r == bench.acceptance.rate else bench.seeds) for r in bench.user_rates]
+    if bench.interaction_rate is None:
+        return users
     return [*users, (Setting("interactions", bench.interaction_rate, bench.interaction_item_share), bench.seeds)]
 
 

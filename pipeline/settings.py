@@ -75,7 +75,17 @@ class ModelSettings(_Frozen):
         return self
 
 
+class LoraSettings(_Frozen):
+    """`train.method: lora`: peft adapters on every attention and MLP projection (the item rows train in full)."""
+
+    rank: int = Field(ge=1)
+    alpha: float = Field(gt=0.0)
+    dropout: float = Field(ge=0.0, lt=1.0)
+
+
 class TrainSettings(_Frozen):
+    method: Literal["full", "lora"]
+    lora: LoraSettings
     epochs: int = Field(ge=1)
     batch_size: int = Field(ge=1)
     learning_rate: float = Field(gt=0.0)
@@ -180,10 +190,27 @@ class CalibrationSettings(_Frozen):
     batch_sizes: tuple[int, ...] = Field(min_length=1)
 
 
+class SasrecSettings(_Frozen):
+    """The outside anchor's recipe (peer/sasrec.py, RecTools' SASRecModel arguments); validation picks the epochs."""
+
+    epochs: tuple[int, ...] = Field(min_length=1)
+    n_blocks: int = Field(ge=1)
+    n_heads: int = Field(ge=1)
+    n_factors: int = Field(ge=1)
+    dropout_rate: float = Field(ge=0.0, lt=1.0)
+    session_max_len: int = Field(ge=2)
+    lr: float = Field(gt=0.0)
+    batch_size: int = Field(ge=1)
+
+
+class UtilitySettings(_Frozen):
+    sasrec: SasrecSettings
+
+
 class BenchSettings(_Frozen):
     methods: tuple[str, ...] = Field(min_length=1)
     user_rates: tuple[float, ...] = Field(min_length=1)
-    interaction_rate: float = Field(gt=0.0, lt=1.0)
+    interaction_rate: float | None = Field(gt=0.0, lt=1.0)  # None: no interaction-scope batches (a costly backbone)
     interaction_item_share: float = Field(gt=0.0, le=1.0)
     seeds: tuple[int, ...] = Field(min_length=1)
     floor_rate: float = Field(gt=0.0, lt=1.0)
@@ -332,6 +359,7 @@ class Settings(_Frozen):
     circuits: CircuitSettings
     bench: BenchSettings
     calibration: CalibrationSettings
+    utility: UtilitySettings
     gate: GateSettings
     ledger: LedgerSettings
     landing: LandingSettings

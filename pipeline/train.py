@@ -31,6 +31,24 @@ def learning_rate_factor(step: int, total_steps: int, config: TrainSettings) -> 
     return warmup * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
 
 
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def with_adapters(model: Recommender, config: TrainSettings):
+    """`train.method: lora`: peft's LoRA adapters injected into `model`'s attention and MLP projections (in place:
+    `model` itself now runs them), everything else frozen but the item rows, which are new and train in full (the
+    head is tied to them). Returns the peft wrapper, whose `merge_and_unload` folds the adapters back in."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = config.lora
+    adapted = get_peft_model(
+        model,
+        LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(LORA_MODULES)),
+    )
+    model.get_input_embeddings().weight.requires_grad_(True)
+    return adapted
+
+
 def fit(
     model: Recommender,
     train_sequences: dict[int, list[int]],
@@ -39,11 +57,15 @@ def fit(
     settings: Settings,
     progress: bool = True,
 ) -> list[dict]:
-    """Train in place; leave the model at the epoch with the best validation NDCG@10."""
+    """Train in place; leave the model at the epoch with the best validation NDCG@10. With `train.method: lora` the
+    adapters are merged into the weights at the end: the model leaves as plain as it came (same modules, same
+    parameter names), so circuits, unlearning and serving never ask how it was fine-tuned."""
     generator = seed_everything(settings.seed)
     windows = make_windows(train_sequences, settings.model.max_len)
     config = settings.train
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    adapted = with_adapters(model, config) if config.method == "lora" else None
+    trained = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=config.learning_rate, weight_decay=config.weight_decay)
     total_steps = config.epochs * math.ceil(len(windows) / config.batch_size)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: learning_rate_factor(step, total_steps, config)
@@ -59,7 +81,7 @@ def fit(
             loss = window_loss(model, batch)
             optimizer.zero_grad()
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(trained, 1.0)
             optimizer.step()
             schedule.step()
             losses.append(loss.item())
@@ -97,6 +119,9 @@ def fit(
     bar.close()
     if best_state is not None:
         model.load_state_dict(best_state)
+    if adapted is not None:
+        adapted.merge_and_unload()  # the adapters folded into the base weights, the peft modules swapped back out
+        model.requires_grad_(True)  # as it came: unlearning may update any weight
     model.eval()
     return history
 

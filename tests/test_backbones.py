@@ -206,3 +206,48 @@ def test_a_llama_directory_trains_and_unlearns_with_cure(converted, ratings):
     assert "model.norm.weight" not in changed, "not a unit: frozen"
     evidence = LeakageProbe(data, settings).evidence(model)
     assert set(evidence.aucs()) == {"loss", "mink", "minkpp", "item_rank"}
+
+
+def test_a_lora_fine_tune_merges_into_the_plain_model_before_anything_unlearns(converted, ratings):
+    """`train.method: lora` on SmolLM2's real first layer: the adapters train the projections (the norms stay the
+    pretrained ones), the item rows train in full, and what leaves `fit` is the plain model, the same parameters
+    by name and shape, every one trainable again, so circuits and unlearning run on it unchanged. Merging is exact:
+    the merged model's logits are the adapted model's."""
+    from pipeline.data import prepare_snapshot
+    from pipeline.model import build_model, make_windows, window_loss
+    from pipeline.train import LORA_MODULES, fit, with_adapters
+
+    settings = pretrained_settings(
+        **{"train.method": "lora", "data.max_users": 60, "train.learning_rate": 0.01, "train.lora.rank": 4}
+    )
+    snapshot = prepare_snapshot(ratings, settings.data, settings.seed)
+    sequences = snapshot.sequences(("train",), snapshot.members)
+    windows = make_windows(sequences, settings.model.max_len)
+    model = build_model(snapshot.items, settings.model, settings.seed)
+    before = copy.deepcopy(model.state_dict())
+    with torch.no_grad():
+        loss_before = window_loss(model, windows).item()
+    fit(model, sequences, sequences, snapshot.targets("val", snapshot.members), settings, progress=False)
+    with torch.no_grad():
+        loss_after = window_loss(model, windows).item()
+    assert loss_after < loss_before - 0.5, (loss_before, loss_after)
+    after = model.state_dict()
+    assert {k: v.shape for k, v in after.items()} == {k: v.shape for k, v in before.items()}, "a plain model again"
+    assert all(parameter.requires_grad for parameter in model.parameters())
+    changed = {name for name in after if not torch.equal(after[name], before[name])}
+    assert {f"model.layers.0.{part}.{name}.weight" for name in LORA_MODULES
+            for part in ("self_attn", "mlp") if f"model.layers.0.{part}.{name}.weight" in after} <= changed  # fmt: skip
+    assert "model.embed_tokens.weight" in changed
+    assert not {"model.norm.weight", "model.layers.0.input_layernorm.weight"} & changed, "frozen under LoRA"
+
+    adapted = with_adapters(copy.deepcopy(model), settings.train)
+    with torch.no_grad():
+        for name, parameter in adapted.named_parameters():
+            if "lora_B" in name:  # peft starts B at zero: give the adapters something to merge
+                parameter.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(len(name)))
+        batch = windows.batch(torch.arange(16))
+        unmerged = adapted(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        merged_model = adapted.merge_and_unload()
+        merged = merged_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    assert not torch.allclose(merged, model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits)
+    assert torch.allclose(merged, unmerged, atol=1e-4), float((merged - unmerged).abs().max())

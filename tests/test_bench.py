@@ -366,6 +366,8 @@ def test_grid_runs_the_judged_batch_on_the_extra_seeds_too():
     }
     assert all(seeds == bench_settings.seeds for seeds in batches.values())
     assert grid(bench_settings, quick=True) == [(Setting("user", bench_settings.quick_rate), bench_settings.seeds[:1])]
+    users_only = Settings.model_validate(tiny_params(**{"bench.interaction_rate": None, "bench.user_rates": [0.05]}))
+    assert grid(users_only.bench) == [(judged, users_only.bench.seeds + users_only.bench.acceptance.extra_seeds)]
 
 
 def test_tuning_runs_every_variant_on_the_tuning_seeds_only(tmp_path, monkeypatch, template_home):
