@@ -93,7 +93,12 @@ def sasrec_ranks(snapshot, settings, python: Path, work: Path) -> tuple[dict, di
     import pandas as pd
 
     frame = pd.read_csv(output).sort_values("user_id")
-    ranks = {part: frame[frame.part == part]["rank"].to_numpy() for part in PARTS}
+    ranks = {}
+    for part in PARTS:  # paired with every other model user by user: the same users, in the same order
+        rows = frame[frame.part == part]
+        if rows.user_id.tolist() != sorted(snapshot.targets(part, snapshot.members)):
+            raise RuntimeError(f"peer/sasrec.py ranked other users than the members with a {part} item")
+        ranks[part] = rows["rank"].to_numpy()
     return ranks, json.loads(lines[-1])
 
 
@@ -137,8 +142,28 @@ def table(record: dict) -> str:
         f"Utility on one split (snapshot {split['snapshot_hash'][:12]}, {split['members']} members; the test item "
         f"after train + validation history, seen items excluded, ranked among all {split['items']} items; "
         f"mean over users "
-        f"[{record['confidence']:.0%} bootstrap interval over users]):\n\n" + "\n".join(lines) + "\n"
+        f"[{record['confidence']:.0%} bootstrap interval over users]):\n\n" + "\n".join(lines) + "\n\n"
+        + "Provenance (utility.json has all of it):\n\n" + "\n".join(provenance_lines(record)) + "\n"
     )
+
+
+def provenance_lines(record: dict) -> list[str]:
+    lines = []
+    for entry in record["models"]:
+        source = entry.get("provenance")
+        if source is None:
+            continue
+        if "library" in source:
+            config = ", ".join(f"{k} {v}" for k, v in source["config"].items())
+            lines.append(f"- {entry['name']}: RecTools {source['library']['rectools']}, torch "
+                         f"{source['library']['torch']}; {config}")  # fmt: skip
+            continue
+        machine = source["machine"]
+        lines.append(f"- {entry['name']}: weights sha256 {source['weights_sha256'][:16]}, recipe "
+                     f"{source['recipe'][:12]}, seed {source['seed']}, max_len {source['max_len']}; measured on "
+                     f"{machine['cpu']} ({machine['cpu_capability']}, {machine['threads']} threads, torch "
+                     f"{machine['torch']})")  # fmt: skip
+    return lines
 
 
 def describe(provenance: dict) -> str:
