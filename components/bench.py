@@ -23,6 +23,8 @@ from pipeline.bench import (
     circuit_faithfulness,
     circuit_stability,
     grid,
+    head_to_head,
+    head_to_head_table,
     markdown_table,
     pareto_plot,
     retrain_floor,
@@ -126,18 +128,45 @@ def write_tuning(out: Path, record: dict, settings) -> dict:
 RECORD_KEYS = ("retrain_floor", "circuit_stability", "circuit_faithfulness", "base_model", "wall_s_total")
 
 
+def provenance_lines(out: Path, base: dict, settings) -> str:
+    """What the figures below came from, for a reader of benchmark.md alone: the backbone and recipe (from the
+    params judged with), the base model's weights hash, the data snapshot, the machine, and the row log's
+    fingerprint, which ties every row to one set of params, one base and one machine across sittings."""
+    model, train = settings.model, settings.train
+    depth = "all layers" if model.layers is None else f"first {model.layers} pretrained layers"
+    backbone = "tiny" if model.backbone == "tiny" else f"{model.backbone}, {depth}"
+    machine = base.get("machine", {})
+    log = out / ROW_LOG
+    fingerprints = {json.loads(line).get("fingerprint") for line in log.read_text().splitlines() if line.strip()} \
+        if log.exists() else set()  # fmt: skip
+    lines = [
+        f"Backbone: {backbone}; fine-tune {train.method}, learning rate {train.learning_rate:g}, {train.epochs} "
+        f"epochs, windows of {model.max_len} items.",
+        f"Base model: weights sha256 {base.get('weights_sha256')}, data snapshot {base.get('snapshot_hash')}, "
+        f"{base.get('members')} members, its test NDCG@10 {base.get('test', {}).get('ndcg10', float('nan')):.4f}.",
+        f"Machine: {machine.get('cpu')} ({machine.get('cpu_capability')}, {machine.get('threads')} threads, torch "
+        f"{machine.get('torch')}, {machine.get('device', 'cpu')} {machine.get('precision', 'fp32')}).",
+    ]
+    if fingerprints:
+        lines.append(f"Row log {ROW_LOG}: fingerprint {', '.join(sorted(map(str, fingerprints)))}.")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(out: Path, rows: list[dict], record: dict, settings) -> tuple[str, list[dict]]:
     """From the rows and what else the run measured (`RECORD_KEYS`): the summary across seeds, the acceptance
     verdicts, benchmark_summary.json, benchmark.md and pareto.png. Returns the Markdown table of means and
     the verdicts."""
     summary = summarise(rows)
     criteria = acceptance(rows, summary, record["wall_s_total"], settings)
+    rivals = head_to_head(rows, summary, settings)
     (out / "benchmark_summary.json").write_text(
-        json.dumps({"summary": summary, **record, "acceptance": criteria}, indent=2)
+        json.dumps({"summary": summary, **record, "acceptance": criteria, "head_to_head": rivals}, indent=2)
     )
     table = markdown_table(summary)
     (out / "benchmark.md").write_text(
+        f"{provenance_lines(out, record['base_model'], settings)}\n"
         f"{acceptance_table(criteria, rows, settings.bench.acceptance.rate)}\n"
+        f"{head_to_head_table(rivals, settings.bench.acceptance.rate)}\n"
         f"{table}\n\nRetrain vs retrain (different seeds), the floor no method can beat:\n"
         f"{_lines(record['retrain_floor'])}\n\n"
         f"Circuit stability (Jaccard of forget-specific units): {json.dumps(record['circuit_stability'])}\n\n"

@@ -147,9 +147,7 @@ def memorisation_ndcg(model: Recommender, data: UnlearningData, max_len: int, ba
     return float(ndcg_at(ranks, 10).mean())
 
 
-def measure(
-    model: Recommender, data: UnlearningData, probe: LeakageProbe, settings: Settings
-) -> tuple[dict, dict]:
+def measure(model: Recommender, data: UnlearningData, probe: LeakageProbe, settings: Settings) -> tuple[dict, dict]:
     """A row's point figures, and the per-user values behind them (for intervals and paired comparisons)."""
     max_len, batch = settings.model.max_len, settings.eval.batch_size
     users = sorted(data.eval_targets)
@@ -683,6 +681,76 @@ def acceptance(rows: list[dict], summary: list[dict], grid_wall_s: float, settin
     criterion("whole grid, minutes", minutes, [minutes, minutes], f"<= {config.max_grid_minutes}",
               high=config.max_grid_minutes)  # fmt: skip
     return criteria
+
+
+HEAD_TO_HEAD = (  # (key, what it says, whether lower is better)
+    ("jsd_to_retrain", "JSD to retrain", True),
+    ("ndcg10_retain", "NDCG@10 on retained users", False),
+    ("wall_s", "wall time, s", True),
+)
+
+
+def head_to_head(rows: list[dict], summary: list[dict], settings: Settings) -> list[dict]:
+    """CURE against every other unlearning method at the acceptance rate, paired by seed (the same retrain, users
+    and prefixes): per figure, CURE's minus the method's, its mean and 95% t-interval across seeds, and whether the
+    interval settles who is better. Beating a method that did not forget says nothing, so each entry says
+    whether the method forgot (`forgot_by_test`)."""
+    rate, band = settings.bench.acceptance.rate, settings.bench.auc_band
+    batch = [r for r in rows if r["scope"] == "user" and r["deletion_rate"] == rate]
+    at = {e["method"]: e for e in summary if e["scope"] == "user" and e["deletion_rate"] == rate}
+    values = {(r["method"], r["seed"]): r for r in batch}
+    entries = []
+    for method in sorted(m for m in at if m not in ("cure", "original", "retrain")):
+        seeds = sorted(s for m, s in values if m == "cure" and (method, s) in values)
+        if "cure" not in at or not seeds:
+            continue
+        entry = {"method": method, "forgot": forgot_by_test(batch, method, at[method], band), "seeds": seeds}
+        for key, _, lower_better in HEAD_TO_HEAD:
+            mean, interval = _t_interval([values["cure", s][key] - values[method, s][key] for s in seeds])
+            settled = interval[1] < 0 or interval[0] > 0
+            better = (mean < 0) == lower_better
+            verdict = ("CURE better" if better else "CURE worse") if settled else "not resolved (0 inside)"
+            entry[key] = {"difference": mean, "ci": interval, "verdict": verdict}
+        entries.append(entry)
+    return entries
+
+
+def head_to_head_table(entries: list[dict], rate: float) -> str:
+    """`head_to_head` as Markdown, and one plain sentence per method that forgot."""
+    if not entries:
+        return ""
+    columns = " | ".join(f"CURE minus it: {label}" for _, label, _ in HEAD_TO_HEAD)
+    lines = [
+        f"CURE against each other method at {rate:.0%} user deletion, paired by seed (CURE's figure minus the "
+        "method's, mean [95% interval across seeds]):",
+        "",
+        f"| method | forgot | {columns} |",
+        "|---|---|" + "---|" * len(HEAD_TO_HEAD),
+    ]
+    for e in entries:
+        cells = [
+            f"{e[key]['difference']:+.4f} [{e[key]['ci'][0]:+.4f}, {e[key]['ci'][1]:+.4f}]: {e[key]['verdict']}"
+            for key, _, _ in HEAD_TO_HEAD
+        ]
+        lines.append(f"| {e['method']} | {'yes' if e['forgot'] else 'no'} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for e in (e for e in entries if e["forgot"]):
+        jsd, ndcg = e["jsd_to_retrain"], e["ndcg10_retain"]
+        verdicts = {jsd["verdict"], ndcg["verdict"]}
+        if "CURE better" in verdicts and "CURE worse" not in verdicts:
+            plainly = "CURE beats it"
+        elif "CURE worse" in verdicts and "CURE better" not in verdicts:
+            plainly = "CURE loses to it"
+        elif len(verdicts) == 1:
+            plainly = "neither beats the other beyond the noise"
+        else:
+            plainly = "CURE is better on one figure and worse on the other"
+        lines.append(
+            f"- Against {e['method']}, over {len(e['seeds'])} seeds, {plainly}: JSD to retrain "
+            f"{jsd['difference']:+.4f} [{jsd['ci'][0]:+.4f}, {jsd['ci'][1]:+.4f}], NDCG@10 {ndcg['difference']:+.4f} "
+            f"[{ndcg['ci'][0]:+.4f}, {ndcg['ci'][1]:+.4f}] (CURE minus it; lower JSD and higher NDCG are better)."
+        )
+    return "\n".join(lines) + "\n"
 
 
 def acceptance_table(criteria: list[dict], rows: list[dict], rate: float) -> str:

@@ -15,6 +15,8 @@ from pipeline.bench import (
     acceptance_table,
     choose,
     grid,
+    head_to_head,
+    head_to_head_table,
     jensen_shannon,
     privleak,
     summarise,
@@ -273,17 +275,19 @@ def test_choose_takes_npos_beta_like_cures_pair_under_the_chosen_candidate():
     assert choose(tested, _faithfulness(PAIRS), band, 0.05)["choice"]["npo_beta"] == 0.1
 
 
-def test_acceptance_judges_cure_on_means_and_says_when_an_interval_straddles_the_threshold():
-    def row(method, seed, ratio, gaps, jsd, wall_s, rate=0.05):  # retrain's AUC is 0.5 on every attack
-        attacks = ("loss", "mink", "minkpp")
-        return {  # retrain's NDCG@10 is 0.05 on every seed unless a test sets it
-            "method": method, "scope": "user", "deletion_rate": rate, "seed": seed, "ndcg10_vs_retrain": ratio,
-            "ndcg10_retain": 0.05 * ratio,
-            **{f"mia_auc_{a}_minus_retrain": gap for a, gap in zip(attacks, gaps, strict=True)},
-            **{f"mia_auc_{a}": 0.5 + gap for a, gap in zip(attacks, gaps, strict=True)},
-            "jsd_to_retrain": jsd, "wall_s": wall_s,
-        }  # fmt: skip
+def row(method, seed, ratio, gaps, jsd, wall_s, rate=0.05):  # retrain's AUC is 0.5 on every attack
+    """A benchmark row of the judged grid, with only the figures the verdicts read."""
+    attacks = ("loss", "mink", "minkpp")
+    return {  # retrain's NDCG@10 is 0.05 on every seed unless a test sets it
+        "method": method, "scope": "user", "deletion_rate": rate, "seed": seed, "ndcg10_vs_retrain": ratio,
+        "ndcg10_retain": 0.05 * ratio,
+        **{f"mia_auc_{a}_minus_retrain": gap for a, gap in zip(attacks, gaps, strict=True)},
+        **{f"mia_auc_{a}": 0.5 + gap for a, gap in zip(attacks, gaps, strict=True)},
+        "jsd_to_retrain": jsd, "wall_s": wall_s,
+    }  # fmt: skip
 
+
+def test_acceptance_judges_cure_on_means_and_says_when_an_interval_straddles_the_threshold():
     cure_by_seed = {  # NDCG ratio, AUC gaps (loss, Min-K, Min-K++), wall time against retrain's
         1: (0.99, (0.01, 0.05, 0.12), 5.0, 100.0),
         2: (0.985, (0.015, 0.06, 0.04), 8.0, 40.0),
@@ -352,6 +356,41 @@ def test_acceptance_judges_cure_on_means_and_says_when_an_interval_straddles_the
     assert table.startswith("Acceptance at 5% user deletion (CURE, mean over 3 seeds, 1, 2, 3 [")
     without_cure = [r for r in rows if r["method"] != "cure"]
     assert acceptance(without_cure, summarise(without_cure), 60.0, settings) == []
+
+
+def test_head_to_head_says_whom_cure_beats_by_more_than_the_noise():
+    rows = []
+    for seed, shared_jsd in ((1, 0.3), (2, 0.5), (3, 0.4)):  # the retrain reference moves every JSD alike
+        rows += [
+            row("retrain", seed, 1.0, (0, 0, 0), 0.0, 100.0),
+            row("cure", seed, 0.99, (0, 0, 0), shared_jsd, 10.0),
+            # further from retrain by 0.01 and 9% lower utility on every seed: beaten, though the JSDs spread 0.2
+            row("grad_diff", seed, 0.9, (0, 0, 0), shared_jsd + 0.01, 10.0),
+            # closer on one seed, further on the others, as useful: nothing resolved
+            row("npo", seed, 0.99 + {1: 0.01, 2: -0.01, 3: 0.0}[seed], (0, 0, 0),
+                shared_jsd + {1: -0.02, 2: 0.03, 3: 0.01}[seed], 10.0),
+            # closest of all because it did not forget: in the table, marked, and given no sentence
+            row("ssd", seed, 1.0, (0.3, 0.3, 0.3), shared_jsd - 0.05, 10.0),
+        ]  # fmt: skip
+    settings = Settings.model_validate(tiny_params())
+    entries = {e["method"]: e for e in head_to_head(rows, summarise(rows), settings)}
+    assert set(entries) == {"grad_diff", "npo", "ssd"}  # never original or retrain
+    beaten = entries["grad_diff"]
+    assert beaten["forgot"] and beaten["seeds"] == [1, 2, 3]
+    assert beaten["jsd_to_retrain"]["difference"] == pytest.approx(-0.01)
+    assert beaten["jsd_to_retrain"]["verdict"] == "CURE better"
+    assert beaten["ndcg10_retain"]["difference"] == pytest.approx(0.05 * 0.09)
+    assert beaten["ndcg10_retain"]["verdict"] == "CURE better"
+    assert entries["npo"]["jsd_to_retrain"]["verdict"].startswith("not resolved")
+    assert entries["ssd"]["jsd_to_retrain"]["verdict"] == "CURE worse" and not entries["ssd"]["forgot"]
+    text = head_to_head_table(list(entries.values()), 0.05)
+    assert "- Against grad_diff, over 3 seeds, CURE beats it: JSD to retrain -0.0100" in text
+    assert "- Against npo, over 3 seeds, neither beats the other beyond the noise" in text
+    assert "| ssd | no |" in text and "- Against ssd" not in text
+    # the same seeds the other way round: now grad_diff beats CURE
+    swapped = [{**r, "method": {"cure": "grad_diff", "grad_diff": "cure"}.get(r["method"], r["method"])} for r in rows]
+    loser = next(e for e in head_to_head(swapped, summarise(swapped), settings) if e["method"] == "grad_diff")
+    assert "CURE loses to it" in head_to_head_table([loser], 0.05)
 
 
 def test_grid_runs_the_judged_batch_on_the_extra_seeds_too():
