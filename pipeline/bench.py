@@ -211,7 +211,9 @@ def run_method(
     method_settings = settings.model_copy(update={"unlearn": settings.unlearn.model_copy(update={"method": name})})
     with PeakMemory() as memory:
         started = time.perf_counter()
-        result = run_unlearning(model, data, method_settings, progress=False)
+        # progress as in a nightly: a retrain of a pretrained backbone runs for many minutes (in a log, a line
+        # every 30 s with its steps and tokens/s)
+        result = run_unlearning(model, data, method_settings, progress=True)
         wall = time.perf_counter() - started
     return model, wall, memory.megabytes, result
 

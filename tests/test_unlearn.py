@@ -130,7 +130,7 @@ def test_same_params_same_unlearned_model(trained, snapshot, settings):
     )
 
 
-@pytest.mark.parametrize("name", ["grad_ascent", "npo", "grad_projection", "cure", "finetune", "ssd"])
+@pytest.mark.parametrize("name", ["grad_ascent", "grad_diff", "npo", "grad_projection", "cure", "finetune", "ssd"])
 def test_every_method_changes_the_model_through_the_shared_interface(name, trained, snapshot, settings):
     import copy
 
