@@ -10,7 +10,9 @@ ranked on the same members' validation and test items; the test comparison is pa
     LETHE_PARAMS=params.smollm2-bench.yaml LETHE_HOME=.lethe-smollm2-bench \\
         .venv/bin/python experiments/text_prefix.py --out results/text_prefix.json
 
-Each arm's result goes to --out as it finishes; a rerun skips the arms already there.
+Each arm's result goes to --out as it finishes; a rerun skips the arms already there. `--control` adds an arm
+whose prefix is as many tokens drawn at random from the vocabulary: whether it is the text that helps, or
+only a fixed start in front of the items.
 """
 
 from __future__ import annotations
@@ -55,9 +57,8 @@ class Prefixed(torch.nn.Module):
         return SimpleNamespace(last_hidden_state=hidden[:, width:])
 
 
-def prefix_rows(source: Path, text: str) -> torch.Tensor:
-    """The pretrained model's own embedding rows of `text`'s tokens."""
-    ids = AutoTokenizer.from_pretrained(source)(text, add_special_tokens=False)["input_ids"]
+def token_rows(source: Path, ids: list[int]) -> torch.Tensor:
+    """The pretrained model's own embedding rows of the tokens `ids`."""
     with safe_open(str(source / "model.safetensors"), framework="pt") as weights:
         name = next(k for k in weights.keys() if k.endswith("embed_tokens.weight"))  # noqa: SIM118 (not iterable)
         return weights.get_tensor(name)[ids].float().clone()
@@ -85,37 +86,47 @@ def main() -> None:
     cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     cli.add_argument("--out", type=Path, required=True)
     cli.add_argument("--prefix", default=PREFIX)
+    cli.add_argument("--control", action="store_true", help="also a prefix of as many random vocabulary tokens")
+    cli.add_argument("--seed", type=int, help="another training seed than params' (the data split stays)")
     args = cli.parse_args()
     params = default_params_path()
     settings, home = load_settings(params), Home()
+    if args.seed is not None:
+        settings = settings.model_copy(update={"seed": args.seed})
     snapshot = read_snapshot(home.snapshot)
     source = pretrained_source(settings.model, home)
     record = json.loads(args.out.read_text()) if args.out.exists() else {}
-    record.update(params=str(params), prefix=args.prefix, snapshot=snapshot.manifest["content_hash"])
-    rows = prefix_rows(source, args.prefix)
-    record["prefix_tokens"] = int(rows.shape[0])
-    for name, prefix in (("items only", None), ("text prefix", rows)):
+    snapshot_hash = snapshot.manifest["content_hash"]
+    record.update(params=str(params), seed=settings.seed, prefix=args.prefix, snapshot=snapshot_hash)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    ids = tokenizer(args.prefix, add_special_tokens=False)["input_ids"]
+    record["prefix_tokens"] = len(ids)
+    arms = [("items only", None), ("text prefix", token_rows(source, ids))]
+    if args.control:  # as many rows, of tokens drawn at random from the vocabulary: a start without a meaning
+        generator = torch.Generator().manual_seed(settings.seed)
+        drawn = torch.randint(0, tokenizer.vocab_size, (len(ids),), generator=generator)
+        record["control_tokens"] = tokenizer.decode(drawn)
+        arms.append(("random tokens", token_rows(source, drawn.tolist())))
+    for name, prefix in arms:
         if name not in record:
             print(f"text_prefix: training the {name!r} arm", flush=True)
             record[name] = arm(snapshot, settings, prefix)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(record, indent=1))
-    for name in ("items only", "text prefix"):  # a file from before the ids were left out: the same order, no ids
-        ranks = record[name]["test_ranks"]
-        if isinstance(ranks, dict):
-            record[name]["test_ranks"] = [ranks[user] for user in sorted(ranks, key=int)]
-    base, prefixed = (np.array(record[a]["test_ranks"]) for a in ("items only", "text prefix"))
+    names = [name for name, _ in arms]
+    ndcg = {name: ndcg_at(np.array(record[name]["test_ranks"]), 10) for name in names}
     ev = settings.eval
-    record["test"] = {
-        a: bootstrap_mean(ndcg_at(r, 10), ev.bootstrap_samples, ev.confidence, settings.seed).as_dict()
-        for a, r in (("items only", base), ("text prefix", prefixed))
-    }
-    record["test_prefix_minus_items_only"] = bootstrap_mean(
-        ndcg_at(prefixed, 10) - ndcg_at(base, 10), ev.bootstrap_samples, ev.confidence, settings.seed
-    ).as_dict()
+
+    def estimate(values: np.ndarray) -> dict:
+        return bootstrap_mean(values, ev.bootstrap_samples, ev.confidence, settings.seed).as_dict()
+
+    record["test"] = {name: estimate(values) for name, values in ndcg.items()}
+    record["test_prefix_minus_items_only"] = estimate(ndcg["text prefix"] - ndcg["items only"])
+    if "random tokens" in ndcg:
+        record["test_text_minus_random_tokens"] = estimate(ndcg["text prefix"] - ndcg["random tokens"])
     args.out.write_text(json.dumps(record, indent=1))
-    summary = {k: record[k] for k in ("prefix_tokens", "test", "test_prefix_minus_items_only")}
-    summary["val_best"] = {a: record[a]["val_ndcg10_best"] for a in ("items only", "text prefix")}
+    summary = {k: v for k, v in record.items() if k.startswith("test") and k != "test_ranks"}
+    summary["val_best"] = {name: record[name]["val_ndcg10_best"] for name in names}
     print(json.dumps(summary, indent=1))
 
 
