@@ -12,7 +12,7 @@ ranked on the same members' validation and test items; the test comparison is pa
 
 Each arm's result goes to --out as it finishes; a rerun skips the arms already there. `--control` adds an arm
 whose prefix is as many tokens drawn at random from the vocabulary: whether it is the text that helps, or
-only a fixed start in front of the items.
+only a fixed start in front of the items; `--start` one whose prefix is the model's start-of-text token alone.
 """
 
 from __future__ import annotations
@@ -87,6 +87,7 @@ def main() -> None:
     cli.add_argument("--out", type=Path, required=True)
     cli.add_argument("--prefix", default=PREFIX)
     cli.add_argument("--control", action="store_true", help="also a prefix of as many random vocabulary tokens")
+    cli.add_argument("--start", action="store_true", help="also a prefix of the model's one start token")
     cli.add_argument("--seed", type=int, help="another training seed than params' (the data split stays)")
     args = cli.parse_args()
     params = default_params_path()
@@ -107,6 +108,9 @@ def main() -> None:
         drawn = torch.randint(0, tokenizer.vocab_size, (len(ids),), generator=generator)
         record["control_tokens"] = tokenizer.decode(drawn)
         arms.append(("random tokens", token_rows(source, drawn.tolist())))
+    if args.start:  # the pretrained start-of-text row alone: a window that always opens the same way, in one row
+        record["start_token"] = tokenizer.decode([tokenizer.bos_token_id])
+        arms.append(("start token", token_rows(source, [tokenizer.bos_token_id])))
     for name, prefix in arms:
         if name not in record:
             print(f"text_prefix: training the {name!r} arm", flush=True)
@@ -122,8 +126,9 @@ def main() -> None:
 
     record["test"] = {name: estimate(values) for name, values in ndcg.items()}
     record["test_prefix_minus_items_only"] = estimate(ndcg["text prefix"] - ndcg["items only"])
-    if "random tokens" in ndcg:
-        record["test_text_minus_random_tokens"] = estimate(ndcg["text prefix"] - ndcg["random tokens"])
+    for control in ("random tokens", "start token"):
+        if control in ndcg:
+            record[f"test_text_minus_{control.replace(' ', '_')}"] = estimate(ndcg["text prefix"] - ndcg[control])
     args.out.write_text(json.dumps(record, indent=1))
     summary = {k: v for k, v in record.items() if k.startswith("test") and k != "test_ranks"}
     summary["val_best"] = {name: record[name]["val_ndcg10_best"] for name in names}

@@ -702,14 +702,17 @@ def head_to_head(rows: list[dict], summary: list[dict], settings: Settings) -> l
     at = {e["method"]: e for e in summary if e["scope"] == "user" and e["deletion_rate"] == rate}
     values = {(r["method"], r["seed"]): r for r in batch}
     entries = []
+    if "cure" not in at:
+        return entries
     for method in sorted(m for m in at if m not in ("cure", "original", "retrain")):
         seeds = sorted(s for m, s in values if m == "cure" and (method, s) in values)
-        if "cure" not in at or not seeds:
+        if not seeds:
             continue
         entry = {"method": method, "forgot": forgot_by_test(batch, method, at[method], band), "seeds": seeds}
         for key, _, lower_better in HEAD_TO_HEAD:
             mean, interval = _t_interval([values["cure", s][key] - values[method, s][key] for s in seeds])
-            settled = interval[1] < 0 or interval[0] > 0
+            # one seed has no spread to judge by: its point is no verdict
+            settled = len(seeds) > 1 and (interval[1] < 0 or interval[0] > 0)
             better = (mean < 0) == lower_better
             verdict = ("CURE better" if better else "CURE worse") if settled else "not resolved (0 inside)"
             entry[key] = {"difference": mean, "ci": interval, "verdict": verdict}

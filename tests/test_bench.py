@@ -391,6 +391,13 @@ def test_head_to_head_says_whom_cure_beats_by_more_than_the_noise():
     swapped = [{**r, "method": {"cure": "grad_diff", "grad_diff": "cure"}.get(r["method"], r["method"])} for r in rows]
     loser = next(e for e in head_to_head(swapped, summarise(swapped), settings) if e["method"] == "grad_diff")
     assert "CURE loses to it" in head_to_head_table([loser], 0.05)
+    # one seed has no interval: whatever its difference, nothing is settled
+    alone = [r for r in rows if r["seed"] == 1]
+    assert all(
+        e[key]["verdict"].startswith("not resolved")
+        for e in head_to_head(alone, summarise(alone), settings)
+        for key in ("jsd_to_retrain", "ndcg10_retain", "wall_s")
+    )
 
 
 def test_grid_runs_the_judged_batch_on_the_extra_seeds_too():
