@@ -136,9 +136,7 @@ def provenance_lines(out: Path, base: dict, settings) -> str:
     depth = "all layers" if model.layers is None else f"first {model.layers} pretrained layers"
     backbone = "tiny" if model.backbone == "tiny" else f"{model.backbone}, {depth}"
     machine = base.get("machine", {})
-    log = out / ROW_LOG
-    fingerprints = {json.loads(line).get("fingerprint") for line in log.read_text().splitlines() if line.strip()} \
-        if log.exists() else set()  # fmt: skip
+    fingerprints = {record.get("fingerprint") for _, record in RowLog.records(out / ROW_LOG)}
     lines = [
         f"Backbone: {backbone}; fine-tune {train.method}, learning rate {train.learning_rate:g}, {train.epochs} "
         f"epochs, windows of {model.max_len} items.",

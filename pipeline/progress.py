@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -30,18 +30,24 @@ class RowLog:
         self.path = Path(path)
         self.fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
         self.done: dict[str, dict] = {}
-        lines = self.path.read_text().splitlines() if self.path.exists() else []
-        for number, line in enumerate(lines, start=1):
-            try:
-                record = json.loads(line)
-            except ValueError:  # a line cut short when the last sitting was killed: that unit runs again
-                continue
+        for number, record in self.records(self.path):
             if record.get("fingerprint") != self.fingerprint:
                 raise ValueError(
                     f"{self.path}:{number}: written by a run with other params or another base model; move the "
                     "file away (or use another --out) to start afresh, or rerun with the params it was written with"
                 )
             self.done[record["key"]] = record["value"]
+
+    @staticmethod
+    def records(path: Path) -> Iterator[tuple[int, dict]]:
+        """The file's whole lines as (line number, record); a line cut short when a sitting was killed is skipped
+        (its unit runs again)."""
+        lines = Path(path).read_text().splitlines() if Path(path).exists() else []
+        for number, line in enumerate(lines, start=1):
+            try:
+                yield number, json.loads(line)
+            except ValueError:
+                continue
 
     def add(self, key: str, value: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
