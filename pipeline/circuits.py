@@ -63,6 +63,13 @@ def _on_activation(
     return module.register_forward_pre_hook(pre_hook)
 
 
+def _scored(activation: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    """A layer's activation at the scored positions of the windows, (scored positions, features). A prefixed
+    transformer (pipeline.model.attach_prefix) runs its prefix's positions in front of each window's: those are
+    never scored and come first, so the window's positions are the last ones."""
+    return activation[:, activation.shape[1] - scored.shape[1] :][scored]
+
+
 @contextmanager
 def _capture(model: Recommender, items: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """Record each site's activation (a layer's input; the item head's output), still in the autograd graph."""
@@ -105,7 +112,7 @@ def attribution_scores(
         for site, gradient in zip(sites, gradients, strict=True):
             activation, gradient = captured[site].detach().float(), gradient.float()  # bf16 under CUDA autocast
             if site != "items":  # the item head runs on the scored positions only (model.scored_logits)
-                activation, gradient = activation[scored], gradient[scored]
+                activation, gradient = _scored(activation, scored), _scored(gradient, scored)
             centred = activation - means[site]
             contribution = _per_unit(model, site, centred * gradient).abs().sum(dim=0)
             totals[site] = totals.get(site, 0) + contribution
@@ -258,7 +265,7 @@ def site_means(
                 model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
             scored = batch.labels != IGNORE
             for site in _sites(model, items):
-                sums[site] = sums.get(site, 0) + captured[site][scored].float().sum(0)
+                sums[site] = sums.get(site, 0) + _scored(captured[site], scored).float().sum(0)
             count += int(scored.sum())
     return {site: total / max(count, 1) for site, total in sums.items()}
 

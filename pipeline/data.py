@@ -171,10 +171,6 @@ class Snapshot:
         return Snapshot(interactions.reset_index(drop=True), self.items, manifest)
 
     @property
-    def n_tokens(self) -> int:
-        return FIRST_ITEM_TOKEN + len(self.items)
-
-    @property
     def members(self) -> np.ndarray:
         return np.sort(self.interactions.loc[self.interactions.member, "user_id"].unique())
 

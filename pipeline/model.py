@@ -3,6 +3,10 @@
 It reads a user's history and scores every item for the next position. Everything here is plain
 `transformers` + torch so that circuits can later hook the very same modules. The transformer is the `tiny`
 Llama trained from scratch or a pretrained one (pipeline/backbones.py); nothing past `build_model` asks which.
+
+A pretrained backbone may read a text prefix (model.prefix) in front of every window: its token rows sit after the
+items in the vocabulary, their ids in the saved config (`lethe_prefix`), and the transformer itself puts them in
+front of whatever it reads (`attach_prefix`), so windows, losses, circuits and serving never see them.
 """
 
 from __future__ import annotations
@@ -91,6 +95,54 @@ def build_model(catalogue: pd.DataFrame, settings: ModelSettings, seed: int) -> 
     return LlamaForCausalLM(config)
 
 
+PREFIX_CONFIG = "lethe_prefix"  # the config key holding the prefix's token ids (after the items in the vocabulary)
+
+
+def prefix_ids(model: Recommender) -> list[int]:
+    return list(getattr(model.config, PREFIX_CONFIG, None) or [])
+
+
+def head_size(model: Recommender) -> int:
+    """The item head's columns: PAD, BOS and the items; the prefix's rows are read, never predicted."""
+    return model.config.vocab_size - len(prefix_ids(model))
+
+
+def _prepend_prefix(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook of the transformer (model.model): the prefix's embedding rows, detached (frozen: no
+    gradient reaches them), in front of every sequence, attended to by every position. Reads everything from
+    `module` itself, so a deep copy runs on its own weights."""
+    if args:
+        raise TypeError("a prefixed transformer takes its inputs as keywords (input_ids=, inputs_embeds=)")
+    if kwargs.get("position_ids") is not None or kwargs.get("past_key_values") is not None:
+        raise TypeError("a prefixed transformer places its own positions: no position_ids or past_key_values")
+    embeds = kwargs.pop("inputs_embeds", None)
+    input_ids = kwargs.pop("input_ids", None)
+    if embeds is None:
+        embeds = module.embed_tokens(input_ids)
+    ids = torch.tensor(module.config.lethe_prefix, device=embeds.device)
+    prefix = module.embed_tokens.weight[ids].detach().to(embeds.dtype).expand(embeds.shape[0], -1, -1)
+    kwargs["inputs_embeds"] = torch.cat([prefix, embeds], dim=1)
+    mask = kwargs.get("attention_mask")
+    if mask is not None:
+        kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], len(ids)), mask], dim=1)
+    return args, kwargs
+
+
+def _strip_prefix(module: torch.nn.Module, args: tuple, kwargs: dict, output):
+    """Forward hook of the transformer: the hidden states of the window's own positions only."""
+    output.last_hidden_state = output.last_hidden_state[:, len(module.config.lethe_prefix) :]
+    return output
+
+
+def attach_prefix(model: Recommender) -> Recommender:
+    """Make the transformer read the prefix its config names (if any) in front of every input. Called wherever a
+    recommender comes to be (built or loaded), since hooks are not saved with the weights."""
+    if prefix_ids(model):
+        model.model.register_forward_pre_hook(_prepend_prefix, with_kwargs=True)
+        model.model.register_forward_hook(_strip_prefix, with_kwargs=True)
+    return model
+
+
 def save_model(model: Recommender, directory: Path, meta: dict) -> None:
     """Weights as safetensors (never pickle) plus a small JSON of where they came from."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -102,7 +154,7 @@ def load_model(directory: Path, device: torch.device | str = "cpu") -> tuple[Rec
     directory = Path(directory)
     if not (directory / "config.json").exists():
         raise FileNotFoundError(f"{directory}: no saved model here (config.json missing)")
-    model = AutoModelForCausalLM.from_pretrained(directory).to(device)
+    model = attach_prefix(AutoModelForCausalLM.from_pretrained(directory)).to(device)
     model.eval()
     meta_path = directory / META_FILE
     return model, json.loads(meta_path.read_text()) if meta_path.exists() else {}
@@ -174,22 +226,22 @@ def make_windows(
 
 
 def scored_logits(model: Recommender, windows: Windows, grad_rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits at the scored positions only, shape (scored positions, vocabulary), in row-major order of
+    """Logits at the scored positions only, shape (scored positions, head_size), in row-major order of
     (window, position). The item head over the whole vocabulary is most of a small model's cost, and padded
     or unscored positions need none of it.
 
     `grad_rows` (a boolean mask over the vocabulary): gradients reach only these rows of the tied item
     embedding, in both its roles (history input and item head); every other parameter gets its usual gradient."""
-    windows = windows.to(model.device)
+    windows, columns = windows.to(model.device), head_size(model)
     with precision(model):
         if grad_rows is None:
             hidden = model.model(input_ids=windows.input_ids, attention_mask=windows.attention_mask).last_hidden_state
-            return model.lm_head(hidden[windows.labels != IGNORE]).float()
+            return model.lm_head(hidden[windows.labels != IGNORE])[:, :columns].float()
         weight = model.get_input_embeddings().weight
         weight = torch.where(grad_rows.to(model.device)[:, None], weight, weight.detach())
         embedded = torch.nn.functional.embedding(windows.input_ids, weight)
         hidden = model.model(inputs_embeds=embedded, attention_mask=windows.attention_mask).last_hidden_state
-        return (hidden[windows.labels != IGNORE] @ weight.T).float()
+        return (hidden[windows.labels != IGNORE] @ weight[:columns].T).float()
 
 
 def scored_labels(windows: Windows) -> torch.Tensor:
@@ -221,6 +273,7 @@ def next_item_logits(
 ) -> torch.Tensor:
     """Scores over item tokens (column j is token FIRST_ITEM_TOKEN + j) after each history."""
     model.eval()
+    items = slice(FIRST_ITEM_TOKEN, head_size(model))
     rows = []
     for start in range(0, len(histories), batch_size):
         chunk = [([BOS_TOKEN, *history])[-max_len:] for history in histories[start : start + batch_size]]
@@ -232,8 +285,8 @@ def next_item_logits(
         with precision(model):
             hidden = model.model(input_ids=inputs, attention_mask=(inputs != PAD_TOKEN).long()).last_hidden_state
             last = model.lm_head(hidden[torch.arange(len(chunk), device=model.device), lengths - 1])
-        rows.append(last[:, FIRST_ITEM_TOKEN:].float().cpu())  # scores go on to numpy: on the CPU
-    return torch.cat(rows) if rows else torch.zeros(0, model.config.vocab_size - FIRST_ITEM_TOKEN)
+        rows.append(last[:, items].float().cpu())  # scores go on to numpy: on the CPU
+    return torch.cat(rows) if rows else torch.zeros(0, items.stop - items.start)
 
 
 @dataclass(frozen=True)

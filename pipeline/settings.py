@@ -62,6 +62,7 @@ class ModelSettings(_Frozen):
     backbone: Literal["tiny", "smollm2-135m", "hf"]
     max_len: int = Field(ge=4, le=2048)
     layers: int | None = Field(ge=1)  # a pretrained backbone: keep only its first k layers (None: all)
+    prefix: str | None = None  # a pretrained backbone: this text, frozen, in front of every window (None: none)
     tiny: TinyBackbone
     hf: HfBackbone
 
@@ -72,6 +73,11 @@ class ModelSettings(_Frozen):
         if self.backbone == "tiny" and self.layers is not None:
             raise ValueError("model.layers keeps the first k layers of a pretrained backbone; tiny sets its own "
                              "(model.tiny.num_hidden_layers)")
+        if self.prefix is not None and not self.prefix.strip():
+            raise ValueError("model.prefix is empty: give the text to put in front of every window, or null for none")
+        if self.backbone == "tiny" and self.prefix is not None:
+            raise ValueError("model.prefix is text a pretrained backbone reads with its own tokenizer; tiny has no "
+                             "text vocabulary (set model.prefix: null)")
         return self
 
 
@@ -370,6 +376,9 @@ class Settings(_Frozen):
     @model_validator(mode="after")
     def _bench_unlearn_is_valid(self) -> Settings:
         self.for_bench()
+        if self.model.prefix is not None and self.train.weight_decay > 0:
+            raise ValueError("model.prefix with train.weight_decay > 0: the prefix rows are frozen (no gradient), but "
+                             "AdamW's decay would still shrink them every step; set train.weight_decay: 0")
         return self
 
     def for_bench(self) -> Settings:

@@ -251,3 +251,74 @@ def test_a_lora_fine_tune_merges_into_the_plain_model_before_anything_unlearns(c
         merged = merged_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     assert not torch.allclose(merged, model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits)
     assert torch.allclose(merged, unmerged, atol=1e-4), float((merged - unmerged).abs().max())
+
+
+def test_a_text_prefix_is_read_in_front_of_every_window_frozen_and_kept_by_saving(converted, snapshot, tmp_path):
+    """model.prefix: the prefix's pretrained token rows sit after the items, and the transformer reads them in front of
+    every window: the recommender's scores are the plain model's on [prefix, window], its head still scores PAD,
+    BOS and the items only, no gradient reaches the prefix's rows, and a saved, loaded or copied model reads it too."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.circuits import attribution_scores
+    from pipeline.model import (
+        IGNORE,
+        load_model,
+        make_windows,
+        next_item_logits,
+        save_model,
+        scored_logits,
+        window_loss,
+    )
+
+    text = "A viewer's films, in order:"
+    plain = build_pretrained(snapshot.items, pretrained_settings().model, seed=1)
+    model = build_pretrained(snapshot.items, pretrained_settings(**{"model.prefix": text}).model, seed=1)
+    ids = AutoTokenizer.from_pretrained(converted)(text, add_special_tokens=False).input_ids
+    items_end = FIRST_ITEM_TOKEN + len(snapshot.items)
+    assert model.config.lethe_prefix == list(range(items_end, items_end + len(ids)))
+    assert model.config.vocab_size == items_end + len(ids) and model.config.lethe_backbone["prefix"] == text
+    pretrained_rows = AutoModelForCausalLM.from_pretrained(converted).get_input_embeddings().weight[ids]
+    rows = model.get_input_embeddings().weight
+    assert torch.equal(rows[items_end:], pretrained_rows)
+    assert torch.equal(rows[:items_end], plain.get_input_embeddings().weight), "the items' rows are unchanged"
+
+    sequences = snapshot.sequences(("train",), snapshot.members[:6])
+    windows = make_windows(sequences, 16)
+    with torch.no_grad():
+        items_in = plain.model.embed_tokens(windows.input_ids)
+        embeds = torch.cat([pretrained_rows.expand(len(windows), -1, -1), items_in], 1)
+        mask = torch.cat([torch.ones(len(windows), len(ids), dtype=torch.long), windows.attention_mask], 1)
+        hidden = plain.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state[:, len(ids) :]
+        expected = plain.lm_head(hidden[windows.labels != IGNORE])
+        scores = scored_logits(model, windows)
+        assert scores.shape == expected.shape == (int((windows.labels != IGNORE).sum()), items_end)
+        torch.testing.assert_close(scores, expected)
+        assert not torch.allclose(scores, scored_logits(plain, windows), atol=1e-2), "the prefix changes nothing"
+    histories = [sequence[:5] for sequence in sequences.values()]
+    assert next_item_logits(model, histories, 16, 4).shape == (len(histories), len(snapshot.items))
+
+    window_loss(model, windows).backward()
+    gradient = rows.grad
+    assert gradient[items_end:].abs().sum() == 0, "the prefix's rows are frozen"
+    assert gradient[FIRST_ITEM_TOKEN:items_end].abs().sum() > 0
+    scores = attribution_scores(model, windows, batch_size=4)
+    assert scores["layer0.heads"].shape == (9,) and bool((scores["layer0.heads"] > 0).all())
+
+    save_model(model, tmp_path / "saved", {})
+    loaded, _ = load_model(tmp_path / "saved")
+    copied = copy.deepcopy(model)
+    with torch.no_grad():
+        torch.testing.assert_close(scored_logits(loaded, windows), expected)
+        torch.testing.assert_close(scored_logits(copied, windows), expected)
+        copied.get_input_embeddings().weight[items_end:] += 1.0  # a copy reads its own prefix rows, not the original's
+        assert not torch.allclose(scored_logits(copied, windows), expected, atol=1e-2)
+        torch.testing.assert_close(scored_logits(model, windows), expected)
+
+
+def test_a_prefix_needs_a_pretrained_tokenizer_and_no_weight_decay():
+    with pytest.raises(ValueError, match="tiny has no text vocabulary"):
+        Settings.model_validate(tiny_params(**{"model.prefix": "Films:"}))
+    with pytest.raises(ValueError, match="model.prefix is empty"):
+        pretrained_settings(**{"model.prefix": "  "})
+    with pytest.raises(ValueError, match="weight_decay"):
+        pretrained_settings(**{"model.prefix": "Films:", "train.weight_decay": 0.01})
