@@ -1,6 +1,7 @@
 """Does a short text prefix help the pretrained recommender? (issue: "Measure whether a short text prefix helps.
-Keep it only if it does.") An experiment, not a part of Lethe: the recommender keeps reading item tokens only
-unless this says otherwise (docs/experiments.md, "A text prefix for SmolLM2").
+Keep it only if it does.") The experiment that decided it (docs/experiments.md, "A text prefix for SmolLM2"); it
+did help, and Lethe now builds it in (model.prefix, pipeline/model.py `attach_prefix`). This file keeps its own
+wrapper, as measured, and runs every arm with model.prefix off, so that its baseline stays "items only".
 
 Both arms start from the same pretrained backbone, item rows and seed (`build_model`) and train by the same loop
 (`fit`) under the same params; the prefix arm puts the embeddings of a fixed text (the pretrained model's own
@@ -92,6 +93,8 @@ def main() -> None:
     args = cli.parse_args()
     params = default_params_path()
     settings, home = load_settings(params), Home()
+    # every arm from the items-only recommender; the arms add their own prefix (the overlay now sets model.prefix)
+    settings = settings.model_copy(update={"model": settings.model.model_copy(update={"prefix": None})})
     if args.seed is not None:
         settings = settings.model_copy(update={"seed": args.seed})
     snapshot = read_snapshot(home.snapshot)
