@@ -137,9 +137,10 @@ def _strip_prefix(module: torch.nn.Module, args: tuple, kwargs: dict, output):
 def attach_prefix(model: Recommender) -> Recommender:
     """Make the transformer read the prefix its config names (if any) in front of every input. Called wherever a
     recommender comes to be (built or loaded), since hooks are not saved with the weights."""
-    if prefix_ids(model):
+    if prefix_ids(model) and not getattr(model.model, "lethe_prefixed", False):  # once: twice would read it twice
         model.model.register_forward_pre_hook(_prepend_prefix, with_kwargs=True)
         model.model.register_forward_hook(_strip_prefix, with_kwargs=True)
+        model.model.lethe_prefixed = True
     return model
 
 

@@ -262,6 +262,7 @@ def test_a_text_prefix_is_read_in_front_of_every_window_frozen_and_kept_by_savin
     from pipeline.circuits import attribution_scores
     from pipeline.model import (
         IGNORE,
+        attach_prefix,
         load_model,
         make_windows,
         next_item_logits,
@@ -306,6 +307,7 @@ def test_a_text_prefix_is_read_in_front_of_every_window_frozen_and_kept_by_savin
 
     save_model(model, tmp_path / "saved", {})
     loaded, _ = load_model(tmp_path / "saved")
+    attach_prefix(loaded)  # attached once, however often asked
     copied = copy.deepcopy(model)
     with torch.no_grad():
         torch.testing.assert_close(scored_logits(loaded, windows), expected)
