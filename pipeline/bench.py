@@ -850,14 +850,15 @@ def pareto_plot(summary: list[dict], path) -> None:
     settings = sorted({(e["scope"], e["deletion_rate"]) for e in summary})
     figure, axes = plt.subplots(1, len(settings), figsize=(4.2 * len(settings), 4.2), squeeze=False, sharey=True)
     markers = "osD^vP*Xhp<>"
-    methods = sorted({e["method"] for e in summary})
+    methods = sorted({e["method"] for e in summary})  # one colour and marker per method, the same in every panel
     for axis, (scope, rate) in zip(axes[0], settings, strict=True):
         for entry in (e for e in summary if (e["scope"], e["deletion_rate"]) == (scope, rate)):
             attack = max(("loss", "mink", "minkpp"), key=lambda a: abs(entry[f"mia_auc_{a}"] - 0.5))
             leakage = abs(entry[f"mia_auc_{attack}"] - 0.5)
+            style = methods.index(entry["method"])
             axis.errorbar(
                 leakage, entry["ndcg10_retain"], xerr=entry[f"mia_auc_{attack}_std"],
-                yerr=entry["ndcg10_retain_std"], fmt=markers[methods.index(entry["method"]) % len(markers)],
+                yerr=entry["ndcg10_retain_std"], fmt=markers[style % len(markers)], color=f"C{style % 10}",
                 capsize=3, label=entry["method"], alpha=0.85,
             )  # fmt: skip
         axis.legend(fontsize=7, loc="best")  # a legend, not labels at the points: close methods overlap there
